@@ -1,0 +1,86 @@
+"""Compact CNNs for MNIST. Imports nothing but torch: copy this file alone into any notebook.
+
+Both models map normalised images (N, 1, 28, 28) to log-probabilities (N, 10), so they train with
+``F.nll_loss``. Pixels are normalised as ``(x / 255 - 0.1307) / 0.3081``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CompactCNN(nn.Module):
+    """Stages of 3x3 conv-BN-ReLU separated by 2x2 max-pools, then global average pooling and a
+    linear classifier on the pooled features.
+
+    ``stages`` lists the output channels of each stage's convolutions: the first stage runs at 28x28,
+    the next at 14x14, the last at 7x7. Most parameters sit in the 7x7 stage, where a parameter
+    costs 49 multiply-accumulates per image instead of 784 at full resolution. Dropout acts at 7x7
+    only, where it is cheap.
+    """
+
+    def __init__(self, stages, dropout=0.0):
+        super().__init__()
+        layers, channels = [], 1
+        for index, widths in enumerate(stages):
+            if index:
+                layers.append(nn.MaxPool2d(2))
+            for width in widths:
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                if index == len(stages) - 1 and dropout:
+                    layers.append(nn.Dropout(dropout))
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        check_images(x)
+        x = self.pool(self.features(x)).flatten(1)
+        return F.log_softmax(self.classifier(x), dim=1)
+
+    @torch.inference_mode()
+    def predict(self, images):
+        """Predicted digits for normalised images shaped (N, 1, 28, 28), (1, 28, 28) or (28, 28)."""
+        check_images(images, batched=False)
+        while images.dim() < 4:
+            images = images.unsqueeze(0)
+        was_training = self.training
+        self.eval()
+        try:
+            weight = next(self.parameters())
+            return self(images.to(weight.device, weight.dtype)).argmax(dim=1)
+        finally:
+            self.train(was_training)
+
+
+def check_images(images, batched=True):
+    """Raise TypeError or ValueError, saying what was expected, unless ``images`` is a float image
+    tensor of the right shape."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"expected float images normalised with mean 0.1307 and std 0.3081, got "
+                         f"dtype {images.dtype}: convert with (x.float() / 255 - 0.1307) / 0.3081")
+    shapes = "(N, 1, 28, 28)" if batched else "(N, 1, 28, 28), (1, 28, 28) or (28, 28)"
+    dims_ok = images.dim() == 4 if batched else 2 <= images.dim() <= 4
+    if not dims_ok or images.shape[-2:] != (28, 28) or (images.dim() > 2 and images.shape[-3] != 1):
+        raise ValueError(f"expected images shaped {shapes}, got {tuple(images.shape)}")
+
+
+class Net(CompactCNN):
+    """The default model: 16 channels at 28x28, 16-16 at 14x14, 32-32 at 7x7."""
+
+    def __init__(self, dropout=0.05):
+        super().__init__(stages=((16,), (16, 16), (32, 32)), dropout=dropout)
+
+
+class NetCompact(CompactCNN):
+    """The small model: under 8,000 parameters."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__(stages=((8,), (12, 16), (24, 24)), dropout=dropout)
+
+
+MODELS = {"Net": Net, "NetCompact": NetCompact}

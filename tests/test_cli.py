@@ -1,0 +1,193 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import train
+from model import Net
+from utils import NonFiniteLossError, TrainConfig, fit, make_loaders, read_checkpoint
+
+CPU = torch.device("cpu")
+DATA_DIR = TrainConfig().data_dir
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--train-limit", "600", "--test-limit", "300", "--batch-size", "100", "--quiet"]
+
+
+def cli(capsys, *args):
+    code = train.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
+    code, out, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    assert "epoch  1" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "Net" and metrics["seed"] == 0 and metrics["device"] == "cpu"
+    assert metrics["params"] == sum(p.numel() for p in Net().parameters())
+    assert len(metrics["epochs"]) == 1
+    assert set(metrics["epochs"][0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                                         "seconds"}
+    assert metrics["config"] == {**TrainConfig(dry_run=True).__dict__}
+    assert metrics["runtime"]["torch"] == torch.__version__
+    assert metrics["runtime"]["torchvision"] == torchvision.__version__
+    Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_limits_and_flags_reach_the_run(tmp_path, capsys):
+    code, out, err = cli(capsys, *SMALL, "--epochs", 2, "--model", "NetCompact", "--seed", 4, "--lr", 0.05,
+                         "--out", tmp_path)
+    assert code == 0, err
+    assert out.count("\nepoch ") + out.startswith("epoch ") == 2
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "NetCompact" and metrics["seed"] == 4
+    assert metrics["config"]["lr"] == 0.05 and metrics["config"]["test_limit"] == 300
+    for row in metrics["epochs"]:
+        assert row["test_acc"] * 3 == pytest.approx(round(row["test_acc"] * 3))  # a count out of 300
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--epochs", "0"], "epochs must be at least 1, got 0"),
+    (["--batch-size", "-8"], "batch size must be at least 1, got -8"),
+    (["--lr", "0"], "learning rate must be a positive number, got 0.0"),
+    (["--lr", "nan"], "learning rate must be a positive number, got nan"),
+    (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
+    (["--pipeline", "dali"], "unknown pipeline 'dali'"),
+    (["--resume"], "--resume needs --out DIR"),
+    (["--seeds", "a-b", "--out", "x"], "--seeds 'a-b' is not a range"),
+])
+def test_impossible_arguments_get_one_line_and_exit_2(capsys, args, words):
+    code, _, err = cli(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_data_without_internet_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    code, _, err = cli(capsys, "--data-dir", tmp_path / "empty", "--dry-run")
+    assert code == 2
+    assert err.count("\n") == 1 and "could not be downloaded" in err and "--data-dir" in err
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
+    assert cli(capsys, "--dry-run", "--out", tmp_path)[0] == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    code, _, err = cli(capsys, "--dry-run", "--out", tmp_path)
+    assert code == 2 and "already exists: pass --resume" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
+    assert cli(capsys, *SMALL, "--epochs", 2, "--out", tmp_path)[0] == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    truncated = checkpoint.read_bytes()
+    code, _, err = cli(capsys, *SMALL, "--epochs", 3, "--out", tmp_path, "--resume")
+    assert code == 2 and err.count("\n") == 1 and "unreadable" in err and "truncated" in err
+    assert checkpoint.read_bytes() == truncated
+
+
+def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
+    assert cli(capsys, *SMALL, "--epochs", 2, "--model", "NetCompact", "--out", tmp_path)[0] == 0
+    code, _, err = cli(capsys, *SMALL, "--epochs", 2, "--model", "Net", "--out", tmp_path, "--resume")
+    assert code == 2 and "model 'NetCompact' -> 'Net'" in err
+    code, _, err = cli(capsys, "--lr", 0.3, "--out", tmp_path, "--resume")
+    assert code == 2 and "lr 0.1 -> 0.3" in err
+    torch.save({"weights": Net().state_dict()}, tmp_path / "checkpoint.pt")
+    code, _, err = cli(capsys, "--out", tmp_path, "--resume")
+    assert code == 2 and "not a checkpoint of this project" in err
+
+
+def test_a_finished_run_resumes_to_the_same_result(tmp_path, capsys):
+    assert cli(capsys, *SMALL, "--epochs", 2, "--out", tmp_path)[0] == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    code, out, _ = cli(capsys, "--out", tmp_path, "--resume", "--quiet")
+    assert code == 0 and "resumed" in out and "epoch " not in out.replace("after epoch", "")
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == first
+
+
+def without_timings(history):
+    return [{key: value for key, value in row.items() if "seconds" not in key} for row in history]
+
+
+def test_run_killed_at_any_moment_resumes_to_identical_weights_and_history(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, "--epochs", "3", "--seed", "3",
+            "--train-limit", "8000", "--test-limit", "1000", "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*args, "--out", tmp_path / "whole"], check=True, env=env, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*args, "--out", killed], env=env, stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch  1"):
+            time.sleep(0.3)  # well into epoch 2, which takes about a second
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
+    assert read_checkpoint(killed / "checkpoint.pt")["epoch"] in (1, 2)
+
+    resumed = subprocess.run([*args[:2], "--out", killed, "--resume", "--quiet"], env=env, capture_output=True,
+                             text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("whole", "killed"))
+    assert without_timings(again["epochs"]) == without_timings(whole["epochs"])
+    for (name, a), b in zip(torch.load(tmp_path / "whole" / "model.pt").items(),
+                            torch.load(killed / "model.pt").values()):
+        assert torch.equal(a, b), name
+
+
+class PoisonedLoader:
+    """Yields the real batches, but NaN images in one batch of one epoch."""
+
+    def __init__(self, loader, epoch, batch):
+        self.loader, self.poison, self.epoch = loader, (epoch, batch), 0
+        self.generator = loader.generator
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.epoch += 1
+        for batch, (images, labels) in enumerate(self.loader, start=1):
+            yield (images * float("nan") if (self.epoch, batch) == self.poison else images), labels
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpoint(tmp_path):
+    config = TrainConfig(train_limit=1000, test_limit=200, batch_size=100, epochs=3)
+    train_loader, test_loader = make_loaders(config, CPU)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(NonFiniteLossError, match="at epoch 2, batch 3 of 10") as caught:
+        fit(Net(), PoisonedLoader(train_loader, epoch=2, batch=3), test_loader, config,
+            checkpoint=checkpoint, progress=False, log=lambda line: None)
+    assert "\n" not in str(caught.value)
+    state = read_checkpoint(checkpoint)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
+
+
+def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
+    code, out, err = cli(capsys, *SMALL, "--epochs", 1, "--seeds", "0-2", "--out", tmp_path)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    finals = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["epochs"][-1]["test_acc"]
+              for s in range(3)]
+    assert summary["final_test_acc"] == {str(s): acc for s, acc in enumerate(finals)}
+    assert summary["mean"] == pytest.approx(sum(finals) / 3)
+    assert summary["min"] == min(finals)
+    assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())
+    assert "mean" in out
+

@@ -1,0 +1,151 @@
+import gzip
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from utils import (
+    MNIST_FILES,
+    MNIST_MEAN,
+    MNIST_STD,
+    DataError,
+    TensorLoader,
+    TrainConfig,
+    load_mnist,
+    make_loaders,
+)
+
+CPU = torch.device("cpu")
+DATA_DIR = TrainConfig().data_dir
+
+
+def test_real_files_parse_to_the_expected_tensors(mnist):
+    for split, count in (("train", 60_000), ("test", 10_000)):
+        images, labels = mnist[split]
+        assert images.shape == (count, 28, 28) and images.dtype == torch.uint8
+        assert labels.shape == (count,) and labels.dtype == torch.int64
+        assert labels.min() == 0 and labels.max() == 9
+        assert labels.bincount().min() > count // 20
+    assert mnist["train"][1].bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    pixels = mnist["train"][0].float() / 255
+    assert pixels.mean().item() == pytest.approx(MNIST_MEAN, abs=5e-4)
+    assert pixels.std().item() == pytest.approx(MNIST_STD, abs=5e-4)
+
+
+def test_test_loader_is_normalised_in_order_and_unaugmented(mnist):
+    images, labels = mnist["test"]
+    loader = TensorLoader(images, labels, 1000, CPU, train=False, rotate=15, shift=3)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 10
+    x = torch.cat([b[0] for b in batches])
+    assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+    torch.testing.assert_close(x, (images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD)
+    assert x.mean().item() == pytest.approx(0, abs=0.02)
+    assert x.std().item() == pytest.approx(1, abs=0.02)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, loader))
+
+
+def test_train_loader_reshuffles_every_epoch_and_covers_every_image_once(mnist):
+    images, labels = mnist["train"][0][:1000], mnist["train"][1][:1000]
+    loader = TensorLoader(images, labels, 128, CPU, train=True)
+    first, second = (torch.cat([b[1] for b in loader]) for _ in range(2))
+    assert len(first) == 1000
+    assert torch.equal(first.bincount(), labels.bincount())
+    assert not torch.equal(first, second)
+
+
+def test_batched_augmentation_keeps_labels_and_image_statistics(mnist):
+    images, labels = mnist["train"][0][:512], mnist["train"][1][:512]
+    plain = TensorLoader(images, labels, 512, CPU, train=True, seed=3)
+    augmented = TensorLoader(images, labels, 512, CPU, train=True, rotate=10, shift=2, seed=3)
+    (x_plain, y_plain), = list(plain)
+    (x_aug, y_aug), = list(augmented)
+    assert torch.equal(y_plain, y_aug)
+    assert not torch.allclose(x_plain, x_aug)
+    ink_plain = x_plain * MNIST_STD + MNIST_MEAN
+    ink_aug = x_aug * MNIST_STD + MNIST_MEAN
+    assert ink_aug.min() >= -1e-5 and ink_aug.max() <= 1 + 1e-5
+    # Rotating and shifting moves ink about but keeps most of it inside the frame.
+    kept = ink_aug.sum(dim=(1, 2, 3)) / ink_plain.sum(dim=(1, 2, 3))
+    assert kept.min() > 0.75 and kept.median() > 0.95
+    # Each augmented image still matches its source, and looks most like digits of its own label,
+    # once both are blurred enough that a 2-pixel shift does not matter.
+    blurred_aug, blurred_plain = (F.avg_pool2d(ink, 7, stride=1, padding=3).flatten(1) for ink in (ink_aug, ink_plain))
+    unit_aug = F.normalize(blurred_aug - blurred_aug.mean(), dim=1)
+    unit_plain = F.normalize(blurred_plain - blurred_plain.mean(), dim=1)
+    assert ((unit_aug * unit_plain).sum(dim=1) > 0.5).float().mean() > 0.99
+    nearest = (unit_aug @ unit_plain.T).argmax(dim=1)
+    assert (y_plain[nearest] == y_aug).float().mean() > 0.85
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_both_pipelines_yield_the_same_kind_of_batches(train):
+    config = TrainConfig(train_limit=1024, test_limit=1024, batch_size=256)
+    fast, reference = (make_loaders(TrainConfig(**{**config.__dict__, "pipeline": p}), CPU)[0 if train else 1]
+                       for p in ("tensor", "torchvision"))
+    assert len(fast) == len(reference) == 4
+    (x_fast, y_fast), (x_ref, y_ref) = next(iter(fast)), next(iter(reference))
+    assert x_fast.shape == x_ref.shape == (256, 1, 28, 28)
+    assert x_fast.dtype == x_ref.dtype == torch.float32
+    assert y_fast.dtype == y_ref.dtype == torch.int64
+    for x in (x_fast, x_ref):
+        assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)
+        assert x.mean().item() == pytest.approx(0, abs=0.12)
+        assert x.std().item() == pytest.approx(1, abs=0.12)
+    if not train:
+        assert torch.equal(y_fast, y_ref)
+        torch.testing.assert_close(x_fast, x_ref)
+
+
+@pytest.fixture
+def raw_copy(tmp_path):
+    """A data folder holding links to the genuine files, one of which a test may replace."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    source = torchvision.datasets.MNIST(DATA_DIR, download=False).raw_folder
+    for name in MNIST_FILES:
+        (raw / name).symlink_to(f"{source}/{name}")
+    return raw
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"", "is 0 bytes, expected 47,040,016"),
+    (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "HTML"),
+    ("truncated", "is 1,000 bytes, expected 47,040,016"),
+    ("wrong magic", "IDX magic number 2049, expected 2051"),
+])
+def test_foreign_or_truncated_files_are_refused_by_name(raw_copy, content, words):
+    target = raw_copy / "train-images-idx3-ubyte"
+    genuine = target.read_bytes()
+    target.unlink()
+    if content == "truncated":
+        content = genuine[:1000]
+    elif content == "wrong magic":
+        content = (2049).to_bytes(4, "big") + genuine[4:]
+    target.write_bytes(content)
+    with pytest.raises(DataError, match=words) as caught:
+        load_mnist(raw_copy.parent.parent, train=False)
+    assert str(target) in str(caught.value) and "delete it" in str(caught.value)
+    assert target.read_bytes() == content, "the bad file is left for the user to inspect"
+
+
+def test_missing_data_without_internet_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DataError, match="could not be downloaded .*connect to the internet"):
+        load_mnist(tmp_path / "nowhere", train=True)
+
+
+def test_missing_data_is_downloaded_from_a_mirror(tmp_path, raw_copy, monkeypatch):
+    gz = tmp_path / "mirror"
+    gz.mkdir()
+    for name in MNIST_FILES:
+        with open(raw_copy / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [gz.as_uri() + "/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources",
+                        [(name + ".gz", None) for name in MNIST_FILES])
+    images, labels = load_mnist(tmp_path / "fresh", train=False)
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)

@@ -1,0 +1,128 @@
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import MODELS, Net, NetCompact
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_parameter_budgets():
+    assert parameters(Net()) < 20_000
+    assert parameters(NetCompact()) < 8_000
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_built_from_conv_batchnorm_dropout_and_global_average_pooling(name):
+    model = MODELS[name]()
+    kinds = {type(module) for module in model.modules()}
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d} <= kinds
+    assert model.pool.output_size in (1, (1, 1))
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    # The only dense layer maps the globally pooled channels straight to the 10 classes.
+    assert len(linears) == 1
+    assert (linears[0].in_features, linears[0].out_features) == (convs[-1].out_channels, 10)
+
+
+def test_net_has_dropout_that_acts_in_training_only():
+    model = Net()
+    assert any(isinstance(module, nn.Dropout) and module.p > 0 for module in model.modules())
+    x = torch.randn(8, 1, 28, 28)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_rows_are_log_probabilities(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    out = model(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 10)
+    assert (out <= 0).all()
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(5))
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = Net()
+    images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def loss_with_same_dropout_mask():
+        torch.manual_seed(1)
+        return F.nll_loss(model(images), labels)
+
+    before = loss_with_same_dropout_mask()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss_with_same_dropout_mask()
+    assert after < before - 0.01
+
+
+@pytest.mark.parametrize(("images", "error", "words"), [
+    (torch.zeros(4, 28, 28), ValueError, "shaped (N, 1, 28, 28)"),
+    (torch.zeros(4, 3, 28, 28), ValueError, "got (4, 3, 28, 28)"),
+    (torch.zeros(4, 1, 32, 32), ValueError, "got (4, 1, 32, 32)"),
+    (torch.zeros(4, 1, 28, 28, dtype=torch.uint8), TypeError, "torch.uint8"),
+    ([[0.0] * 28] * 28, TypeError, "got list"),
+])
+def test_forward_refuses_wrong_input_with_a_clear_message(images, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Net()(images)
+
+
+def test_predict_takes_one_image_or_a_batch_and_keeps_the_mode():
+    torch.manual_seed(0)
+    model = Net().train()
+    batch = torch.randn(6, 1, 28, 28)
+    assert model.predict(batch).shape == (6,)
+    assert model.predict(batch[0]).shape == (1,)
+    assert model.predict(batch[0, 0]).shape == (1,)
+    assert model.predict(batch[0, 0]) == model.predict(batch)[0]
+    assert model.training
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\), \(1, 28, 28\) or \(28, 28\), got \(2, 28, 28\)"):
+        model.predict(torch.zeros(2, 28, 28))
+    with pytest.raises(TypeError, match="torch.int64"):
+        model.predict(torch.zeros(1, 28, 28, dtype=torch.long))
+    with pytest.raises(TypeError, match="got ndarray"):
+        model.predict(batch.numpy())
+
+
+def test_model_py_imports_only_torch():
+    tree = ast.parse((ROOT / "model.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported and all(name == "torch" or name.startswith("torch.") for name in imported), imported
+
+
+def test_model_py_copied_alone_imports_and_trains(tmp_path):
+    shutil.copy(ROOT / "model.py", tmp_path)
+    script = """
+import torch, torch.nn.functional as F
+import model
+for cls in (model.Net, model.NetCompact):
+    net = cls()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = F.nll_loss(net(torch.randn(16, 1, 28, 28)), torch.randint(0, 10, (16,)))
+    loss.backward()
+    optimizer.step()
+    print(cls.__name__, net.predict(torch.randn(3, 1, 28, 28)).tolist())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Net [" in result.stdout and "NetCompact [" in result.stdout

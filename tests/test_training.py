@@ -1,0 +1,59 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Net, NetCompact
+from utils import TensorLoader, TrainConfig, evaluate, fit, make_loaders, prepare_model, seed_everything
+
+CPU = torch.device("cpu")
+SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100}
+
+
+def test_test_loss_is_the_mean_over_all_images_not_over_batches(mnist):
+    torch.manual_seed(0)
+    model = NetCompact().eval()
+    images, labels = mnist["test"][0][:100], mnist["test"][1][:100]
+    # Batches of 32 leave a last batch of 4: a mean of batch means would weigh it 8 times too much.
+    result = evaluate(model, TensorLoader(images, labels, 32, CPU, train=False))
+    x = (images.unsqueeze(1).float() / 255 - 0.1307) / 0.3081
+    log_probs = model(x)
+    by_hand = sum(-log_probs[i, labels[i]].item() for i in range(100)) / 100
+    assert result["loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert result["acc"] == pytest.approx(100 * (log_probs.argmax(1) == labels).sum().item() / 100)
+    assert torch.equal(result["predictions"], log_probs.argmax(1))
+    assert result["loss"] != pytest.approx(
+        sum(F.nll_loss(log_probs[i:i + 32], labels[i:i + 32]).item() for i in range(0, 100, 32)) / 4, rel=1e-3)
+
+
+def train_small(seed, **overrides):
+    config = TrainConfig(seed=seed, **{**SMALL, **overrides})
+    seed_everything(seed)
+    model = prepare_model(Net(), CPU)
+    history = fit(model, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
+    return model, history
+
+
+def test_same_seed_gives_identical_weights_and_history_other_seed_does_not():
+    first, first_history = train_small(seed=5)
+    second, second_history = train_small(seed=5)
+    other, _ = train_small(seed=6)
+    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(),
+                               other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()
+                                                      ) if a.is_floating_point())
+    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in first_history]
+    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in second_history]
+
+
+def test_fit_learns_and_reports_each_epoch():
+    _, history = train_small(seed=0, epochs=3, train_limit=3000)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert set(history[0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 80
+    # One-cycle: the rate rises from a low start, then anneals towards zero.
+    assert history[0]["lr"] < history[1]["lr"]
+    for row in history:
+        assert 0 <= row["train_acc"] <= 100 and 0 <= row["test_acc"] <= 100
+        assert row["test_acc"] * 500 / 100 == pytest.approx(round(row["test_acc"] * 5))

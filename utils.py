@@ -35,6 +35,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     shift: float = 2.0  # pixels, uniform in [-shift, shift] along each axis
+    scale: float = 0.0  # zoom by a factor uniform in [1 - scale, 1 + scale]
     seed: int = 0
     pipeline: str = "tensor"  # "tensor" (fast, on the device) or "torchvision" (DataLoader reference)
     data_dir: str = os.environ.get("MNIST_DATA", "./data")
@@ -54,6 +55,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.rotate <= 180, f"rotation must be between 0 and 180 degrees, got {self.rotate}"),
             (0 <= self.shift < 14, f"shift must be between 0 and 14 pixels, got {self.shift}"),
+            (0 <= self.scale < 1, f"scale must be in [0, 1), got {self.scale}"),
             (self.pipeline in ("tensor", "torchvision"),
              f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
             (self.train_limit >= 0, f"train limit must be >= 0 (0 means all), got {self.train_limit}"),
@@ -188,8 +190,8 @@ def load_mnist(root, train, download=True):
     try:
         dataset = torchvision.datasets.MNIST(root, train=train, download=download)
     except (RuntimeError, OSError, ValueError) as error:  # URLError is an OSError
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"MNIST is not in {raw} and could not be downloaded ({reason[:200]}): connect "
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"MNIST is not in {raw} and could not be downloaded ({reason[:300]}): connect "
                         "to the internet, or point --data-dir (MNIST_DATA) at a folder holding "
                         "MNIST/raw") from None
     return dataset.data, dataset.targets
@@ -200,24 +202,35 @@ def load_mnist(root, train, download=True):
 # expose ``generator``, whose state a checkpoint saves, so the loops never tell them apart.
 
 
-def random_affine(count, rotate, shift, generator):
-    """``count`` affine_grid matrices of a uniform rotation in [-rotate, rotate] degrees and a shift
-    in [-shift, shift] pixels along each axis."""
+def random_affine(count, rotate, shift, generator, scale=0.0):
+    """``count`` affine_grid matrices of a uniform rotation in [-rotate, rotate] degrees, a shift in
+    [-shift, shift] pixels along each axis and a zoom by a factor in [1 - scale, 1 + scale]."""
     angles = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(rotate)
     offsets = (torch.rand(count, 2, generator=generator) * 2 - 1) * (2 * shift / 28)
     cos, sin = angles.cos(), angles.sin()
+    if scale:
+        # affine_grid maps output to input coordinates: reading from a smaller area zooms in.
+        zoom = 1 + (torch.rand(count, generator=generator) * 2 - 1) * scale
+        cos, sin = cos / zoom, sin / zoom
     return torch.stack([torch.stack([cos, -sin, offsets[:, 0]], 1),
                         torch.stack([sin, cos, offsets[:, 1]], 1)], 1)
+
+
+def affine_transform(images, thetas):
+    """Warp a batch (B, 1, 28, 28) by per-image affine matrices, filling with black (0) outside."""
+    grid = F.affine_grid(thetas, images.shape, align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
 
 
 class TensorLoader:
     """A whole split kept as one tensor on the device; each epoch shuffles it with a seeded
     generator and rotates and shifts whole batches at once with affine_grid + grid_sample."""
 
-    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, seed=0):
+    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, seed=0):
         self.images = images.to(device).unsqueeze(1).float().div_(255)
         self.labels = labels.to(device)
-        self.batch_size, self.train, self.rotate, self.shift = batch_size, train, rotate, shift
+        self.batch_size, self.train = batch_size, train
+        self.rotate, self.shift, self.scale = rotate, shift, scale
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -225,12 +238,12 @@ class TensorLoader:
 
     def __iter__(self):
         count, device = len(self.labels), self.labels.device
-        augment = self.train and (self.rotate or self.shift)
+        augment = self.train and (self.rotate or self.shift or self.scale)
         if self.train:
             # One draw and one host-to-device copy per epoch instead of one per batch.
             order = torch.randperm(count, generator=self.generator).to(device)
             if augment:
-                thetas = random_affine(count, self.rotate, self.shift, self.generator).to(device)
+                thetas = random_affine(count, self.rotate, self.shift, self.generator, self.scale).to(device)
         for start in range(0, count, self.batch_size):
             if self.train:
                 index = order[start:start + self.batch_size]
@@ -239,8 +252,7 @@ class TensorLoader:
                 images = self.images[start:start + self.batch_size]
                 labels = self.labels[start:start + self.batch_size]
             if augment:
-                grid = F.affine_grid(thetas[start:start + self.batch_size], images.shape, align_corners=False)
-                images = F.grid_sample(images, grid, align_corners=False)
+                images = affine_transform(images, thetas[start:start + self.batch_size])
             yield (images - MNIST_MEAN) / MNIST_STD, labels
 
 
@@ -253,7 +265,7 @@ class DeviceDataLoader:
         self.device = device
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=train, generator=self.generator,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+            num_workers=workers, pin_memory=device.type == "cuda")
 
     def __len__(self):
         return len(self.loader)
@@ -263,30 +275,26 @@ class DeviceDataLoader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 
-def torchvision_dataset(images, labels, transform):
-    """A torchvision MNIST dataset over already loaded tensors, so limits apply to both pipelines."""
-    dataset = torchvision.datasets.MNIST.__new__(torchvision.datasets.MNIST)
-    dataset.data, dataset.targets, dataset.transform, dataset.target_transform = images, labels, transform, None
-    return dataset
-
-
 def make_loaders(config, device):
     """(train_loader, test_loader) for ``config.pipeline``; the test set is never shuffled or augmented."""
     loaders = []
     for train, limit in ((True, config.train_limit), (False, config.test_limit)):
         images, labels = load_mnist(config.data_dir, train=train)
-        if limit:
-            images, labels = images[:limit], labels[:limit]
+        limit = limit or len(labels)
         if config.pipeline == "tensor":
+            images, labels = images[:limit], labels[:limit]
             loaders.append(TensorLoader(images, labels, config.batch_size, device, train=train,
-                                        rotate=config.rotate, shift=config.shift, seed=config.seed))
+                                        rotate=config.rotate, shift=config.shift, scale=config.scale,
+                                        seed=config.seed))
             continue
         from torchvision import transforms
 
         steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
-        if train and (config.rotate or config.shift):
-            steps.insert(0, transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2))
-        dataset = torchvision_dataset(images, labels, transforms.Compose(steps))
+        if train and (config.rotate or config.shift or config.scale):
+            steps.insert(0, transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
+                                                    scale=(1 - config.scale, 1 + config.scale)))
+        dataset = torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps))
+        dataset = torch.utils.data.Subset(dataset, range(limit))
         loaders.append(DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed))
     return tuple(loaders)
 
@@ -364,6 +372,32 @@ def evaluate(model, loader, *, max_batches=None, progress=False):
     return {"loss": loss_sum.item() / len(labels),
             "acc": 100 * (predictions == labels).sum().item() / len(labels),
             "predictions": predictions.cpu()}
+
+
+def confusion_matrix(predictions, labels, classes=10):
+    """counts[true, predicted] as an int64 (classes, classes) tensor."""
+    return torch.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
+
+
+def plot_history(history):
+    """A matplotlib figure of the train and test loss and accuracy per epoch."""
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "o-"), ("test", "s-")):
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], style, ms=3, label=split)
+        acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], style, ms=3, label=split)
+    loss_axes.set(title="loss", xlabel="epoch", yscale="log")
+    final = history[-1]["test_acc"]
+    acc_axes.set(title=f"accuracy (final test {final:.2f}%)", xlabel="epoch", ylabel="%",
+                 ylim=(min(97.0, history[-1]["train_acc"] - 1, final - 1), 100))
+    acc_axes.axhline(99.4, color="grey", lw=0.8, ls="--", label="99.4%")
+    for axes in (loss_axes, acc_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    return figure
 
 
 def prepare_model(model, device):

@@ -1,5 +1,9 @@
+import functools
 import gzip
+import http.server
 import shutil
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,9 +109,9 @@ def raw_copy(tmp_path):
     """A data folder holding links to the genuine files, one of which a test may replace."""
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    source = torchvision.datasets.MNIST(DATA_DIR, download=False).raw_folder
+    source = Path(DATA_DIR, "MNIST", "raw").resolve()
     for name in MNIST_FILES:
-        (raw / name).symlink_to(f"{source}/{name}")
+        (raw / name).symlink_to(source / name)
     return raw
 
 
@@ -139,13 +143,19 @@ def test_missing_data_without_internet_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_missing_data_is_downloaded_from_a_mirror(tmp_path, raw_copy, monkeypatch):
-    gz = tmp_path / "mirror"
-    gz.mkdir()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
     for name in MNIST_FILES:
-        with open(raw_copy / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [gz.as_uri() + "/"])
-    monkeypatch.setattr(torchvision.datasets.MNIST, "resources",
-                        [(name + ".gz", None) for name in MNIST_FILES])
-    images, labels = load_mnist(tmp_path / "fresh", train=False)
+        with open(raw_copy / name, "rb") as source, gzip.open(mirror / f"{name}.gz", "wb", compresslevel=1) as gz:
+            shutil.copyfileobj(source, gz)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=mirror)
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+        # Our archives are compressed anew, so they cannot match the checksums of the official ones.
+        monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f"{name}.gz", None) for name in MNIST_FILES])
+        images, labels = load_mnist(tmp_path / "fresh", train=False)
+        server.shutdown()
     assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
+    assert all((tmp_path / "fresh" / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)

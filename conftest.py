@@ -4,7 +4,7 @@ import pytest
 
 from utils import TrainConfig, load_mnist
 
-# The notebook, re-executed by nbval in the same pytest run, trains briefly unless told otherwise.
+# pytest re-executes S6.ipynb through nbval: in a short setting unless S6_SMOKE=0 asks for the full run.
 os.environ.setdefault("S6_SMOKE", "1")
 
 

@@ -1,0 +1,229 @@
+"""Training speed, side by side in one run: the reference setup against ours.
+
+    python bench.py --data-dir ../shared/data
+
+Each arm runs in a fresh process of its own, one after the other, on the same machine:
+  reference  the seed-style setup: a 15,662-parameter CNN (conv 1-8-16-32 at 28x28, max-pool, conv 32-32,
+             1x1 to 10, GAP), torchvision DataLoader (2 workers) with per-image RandomRotation(7), batch 128,
+             SGD lr 0.01 momentum 0.9, default memory allocator;
+  ours       the default of train.py: Net, the whole dataset on the device, batched augmentation.
+Training time is the median over timed chunks of batches after a warm-up, scaled to a 60,000-image epoch
+(the chunk size is printed); the test pass is the median of full 10,000-image passes.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from model import MODELS
+from utils import (
+    MNIST_MEAN,
+    MNIST_STD,
+    DeviceDataLoader,
+    TrainConfig,
+    evaluate,
+    keep_freed_memory,
+    load_mnist,
+    make_loaders,
+    pick_device,
+    prepare_model,
+)
+
+TRAIN_IMAGES = 60_000
+
+
+class ReferenceNet(nn.Module):
+    """The 15,662-parameter model of the projects this one grew from, rebuilt for timing."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout, kernel=3, padding=1):
+            return [nn.Conv2d(cin, cout, kernel, padding=padding), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.layers = nn.Sequential(*block(1, 8), *block(8, 16), *block(16, 32), nn.MaxPool2d(2),
+                                    *block(32, 32, padding=0), *block(32, 10, kernel=1, padding=0),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return F.log_softmax(self.layers(x), dim=1)
+
+
+def count_macs(model):
+    """Multiply-accumulates of one forward pass of one image, counting convolutions and linear layers."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * kernel
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def matmul_gflops(device, size=2048, repeats=20):
+    """Measured float32 matrix-multiply throughput of the device, in GFLOP/s."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_loaders(config, device):
+    rotation = transforms.Compose([transforms.RandomRotation(7, fill=0), transforms.ToTensor(),
+                                   transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    load_mnist(config.data_dir, train=True)  # checks the files, with a clear message if they are bad
+    return (DeviceDataLoader(MNIST(config.data_dir, train=True, transform=rotation), 128, device, train=True),
+            DeviceDataLoader(MNIST(config.data_dir, train=False, transform=plain), 128, device, train=False))
+
+
+def time_training(model, loader, optimizer, device, chunk, chunks):
+    """Seconds per batch: median over ``chunks`` timed runs of ``chunk`` batches, after a warm-up."""
+    model.train()
+    batches = iter(())
+    timings = []
+    for timed in [False] + [True] * chunks:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(chunk if timed else max(5, chunk // 4)):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                images, labels = next(batches)
+            loss = F.nll_loss(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        if timed:
+            timings.append((time.perf_counter() - started) / chunk)
+    return statistics.median(timings), timings
+
+
+def time_test_pass(model, loader, device, repeats=3):
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        evaluate(model, loader)
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def run_arm(arm, config, chunk, chunks):
+    """Time one arm in this process; returns its figures."""
+    device = pick_device(config.device)
+    torch.manual_seed(0)
+    if arm == "reference":
+        model = ReferenceNet().to(device)
+        train_loader, test_loader = reference_loaders(config, device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        batch_size = 128
+    else:
+        if device.type == "cpu":
+            keep_freed_memory()
+        model = prepare_model(MODELS[config.model](), device)
+        train_loader, test_loader = make_loaders(config, device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        batch_size = config.batch_size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_batch, timings = time_training(model, train_loader, optimizer, device, chunk, chunks)
+    epoch_seconds = per_batch * TRAIN_IMAGES / batch_size
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"arm": arm, "model": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+            "macs": count_macs(model), "batch_size": batch_size, "device": str(device),
+            "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds,
+            "chunk_epoch_seconds": [t * TRAIN_IMAGES / batch_size for t in timings],
+            "images_per_second": batch_size / per_batch, "test_seconds": time_test_pass(model, test_loader, device),
+            "peak_memory_mb": peak / 2**20, "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=TrainConfig().data_dir)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="Net", choices=list(MODELS))
+    parser.add_argument("--images", type=int, default=10_000,
+                        help="training images per timed chunk (default: 10000, a sixth of an epoch)")
+    parser.add_argument("--chunks", type=int, default=3, help="timed chunks per arm; the median counts")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--arm", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    config = TrainConfig(data_dir=args.data_dir, device=args.device, model=args.model)
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, config, max(1, args.images // (128 if args.arm == "reference"
+                                                                       else config.batch_size)), args.chunks)))
+        return 0
+
+    device = pick_device(args.device)
+    results = []
+    for arm in ("reference", "ours"):
+        command = [sys.executable, __file__, "--arm", arm, *(sys.argv[1:] if argv is None else argv)]
+        finished = subprocess.run(command, capture_output=True, text=True, check=False)
+        if finished.returncode:
+            print(finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed",
+                  file=sys.stderr)
+            return finished.returncode
+        results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+    gflops = matmul_gflops(device)
+    reference, ours = results
+    print(f"device {device} ({torch.get_num_threads()} threads), matmul {gflops:.0f} GFLOP/s, "
+          f"torch {torch.__version__}; timed chunks of {args.images:,} images after a warm-up, "
+          f"median of {args.chunks}, scaled to 60,000")
+    print(f"{'':10} {'model':12} {'params':>7} {'MACs/img':>9} {'batch':>5} {'train s/epoch':>13} "
+          f"{'img/s':>7} {'test s':>7} {'peak MB':>8}")
+    for row in results:
+        print(f"{row['arm']:10} {row['model']:12} {row['params']:7,} {row['macs'] / 1e6:8.2f}M "
+              f"{row['batch_size']:5} {row['epoch_seconds']:13.2f} {row['images_per_second']:7.0f} "
+              f"{row['test_seconds']:7.2f} {row['peak_memory_mb']:8.0f}")
+    ratio = reference["epoch_seconds"] / ours["epoch_seconds"]
+    floor = 3 * ours["macs"] * TRAIN_IMAGES * 2 / (gflops * 1e9)
+    print(f"ratio reference/ours: training {ratio:.2f}x, test pass "
+          f"{reference['test_seconds'] / ours['test_seconds']:.2f}x")
+    print(f"ours against its compute floor (3 x {ours['macs'] / 1e6:.2f}M MACs x 60,000 at "
+          f"{gflops:.0f} GFLOP/s = {floor:.2f} s): {ours['epoch_seconds'] / floor:.2f}x the floor")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"matmul_gflops": gflops, "arms": results, "ratio": ratio, "floor_seconds": floor,
+                       "torch": torch.__version__}, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,18 +16,25 @@ class CompactCNN(nn.Module):
     ``stages`` lists the output channels of each stage's convolutions: the first stage runs at 28x28,
     the next at 14x14, the last at 7x7. Most parameters sit in the 7x7 stage, where a parameter
     costs 49 multiply-accumulates per image instead of 784 at full resolution. Dropout acts at 7x7
-    only, where it is cheap.
+    only, where it is cheap. The last ``separable_stages`` stages use depthwise-separable convolutions
+    (a 3x3 filter per channel, then a 1x1 across channels): a ninth of the parameters of a full 3x3.
+    Channel counts are multiples of 16, which the CPU's 16-float vectors process fastest.
     """
 
-    def __init__(self, stages, dropout=0.0):
+    def __init__(self, stages, dropout=0.0, separable_stages=0):
         super().__init__()
         layers, channels = [], 1
         for index, widths in enumerate(stages):
             if index:
                 layers.append(nn.MaxPool2d(2))
+            separable = index >= len(stages) - separable_stages
             for width in widths:
-                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                if separable:
+                    layers += [nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                               nn.Conv2d(channels, width, 1, bias=False)]
+                else:
+                    layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
+                layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 if index == len(stages) - 1 and dropout:
                     layers.append(nn.Dropout(dropout))
                 channels = width
@@ -77,10 +84,11 @@ class Net(CompactCNN):
 
 
 class NetCompact(CompactCNN):
-    """The small model: under 8,000 parameters."""
+    """The small model, under 8,000 parameters: 16 channels at 28x28, then depthwise-separable
+    convolutions (3x3 per channel, 1x1 across channels), 32-32 at 14x14 and 48-48 at 7x7."""
 
     def __init__(self, dropout=0.0):
-        super().__init__(stages=((8,), (12, 16), (24, 24)), dropout=dropout)
+        super().__init__(stages=((16,), (32, 32), (48, 48)), dropout=dropout, separable_stages=2)
 
 
 MODELS = {"Net": Net, "NetCompact": NetCompact}

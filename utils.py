@@ -28,14 +28,14 @@ class TrainConfig:
 
     model: str = "Net"
     epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.1  # peak of the one-cycle schedule
+    batch_size: int = 256
+    lr: float = 0.2  # peak of the one-cycle schedule
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     shift: float = 2.0  # pixels, uniform in [-shift, shift] along each axis
-    scale: float = 0.0  # zoom by a factor uniform in [1 - scale, 1 + scale]
+    scale: float = 0.1  # zoom by a factor uniform in [1 - scale, 1 + scale]
     seed: int = 0
     pipeline: str = "tensor"  # "tensor" (fast, on the device) or "torchvision" (DataLoader reference)
     data_dir: str = os.environ.get("MNIST_DATA", "./data")

@@ -103,7 +103,7 @@ def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, *SMALL, "--epochs", 2, "--model", "Net", "--out", tmp_path, "--resume")
     assert code == 2 and "model 'NetCompact' -> 'Net'" in err
     code, _, err = cli(capsys, "--lr", 0.3, "--out", tmp_path, "--resume")
-    assert code == 2 and "lr 0.1 -> 0.3" in err
+    assert code == 2 and "lr 0.2 -> 0.3" in err
     torch.save({"weights": Net().state_dict()}, tmp_path / "checkpoint.pt")
     code, _, err = cli(capsys, "--out", tmp_path, "--resume")
     assert code == 2 and "not a checkpoint of this project" in err

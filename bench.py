@@ -2,13 +2,14 @@
 
     python bench.py --data-dir ../shared/data
 
-Each arm runs in a fresh process of its own, one after the other, on the same machine:
+Each arm runs in a fresh process of its own, the two alternating for a few rounds, on the same machine:
   reference  the seed-style setup: a 15,662-parameter CNN (conv 1-8-16-32 at 28x28, max-pool, conv 32-32,
              1x1 to 10, GAP), torchvision DataLoader (2 workers) with per-image RandomRotation(7), batch 128,
              SGD lr 0.01 momentum 0.9, default memory allocator;
   ours       the default of train.py: Net, the whole dataset on the device, batched augmentation.
 Training time is the median over timed chunks of batches after a warm-up, scaled to a 60,000-image epoch
-(the chunk size is printed); the test pass is the median of full 10,000-image passes.
+(the chunk size is printed); the test pass is the median of full 10,000-image passes. The figures shown
+are medians over the rounds, and the ratio is the median of the rounds' ratios.
 """
 
 import argparse
@@ -40,6 +41,7 @@ from utils import (
 )
 
 TRAIN_IMAGES = 60_000
+MEDIAN_KEYS = ("epoch_seconds", "images_per_second", "test_seconds", "peak_memory_mb")
 
 
 class ReferenceNet(nn.Module):
@@ -182,9 +184,13 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=10_000,
                         help="training images per timed chunk (default: 10000, a sixth of an epoch)")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks per arm; the median counts")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both arms (default: 3)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--arm", choices=["reference", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("images", "chunks", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     config = TrainConfig(data_dir=args.data_dir, device=args.device, model=args.model)
     if args.arm:
         print(json.dumps(run_arm(args.arm, config, max(1, args.images // (128 if args.arm == "reference"
@@ -192,36 +198,44 @@ def main(argv=None):
         return 0
 
     device = pick_device(args.device)
-    results = []
-    for arm in ("reference", "ours"):
-        command = [sys.executable, __file__, "--arm", arm, *(sys.argv[1:] if argv is None else argv)]
-        finished = subprocess.run(command, capture_output=True, text=True, check=False)
-        if finished.returncode:
-            print(finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed",
-                  file=sys.stderr)
-            return finished.returncode
-        results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+    # The arms alternate, round after round, so that a machine whose speed drifts (a shared virtual
+    # machine does) weighs on both alike; each round's ratio compares neighbouring runs.
+    rounds = []
+    for _ in range(args.rounds):
+        pair = {}
+        for arm in ("reference", "ours"):
+            command = [sys.executable, __file__, "--arm", arm, *(sys.argv[1:] if argv is None else argv)]
+            finished = subprocess.run(command, capture_output=True, text=True, check=False)
+            if finished.returncode:
+                print(finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed",
+                      file=sys.stderr)
+                return finished.returncode
+            pair[arm] = json.loads(finished.stdout.strip().splitlines()[-1])
+        rounds.append(pair)
     gflops = matmul_gflops(device)
-    reference, ours = results
+    results = [{**runs[0], **{key: statistics.median(run[key] for run in runs) for key in MEDIAN_KEYS}}
+               for runs in ([pair[arm] for pair in rounds] for arm in ("reference", "ours"))]
+    ratios = [pair["reference"]["epoch_seconds"] / pair["ours"]["epoch_seconds"] for pair in rounds]
     print(f"device {device} ({torch.get_num_threads()} threads), matmul {gflops:.0f} GFLOP/s, "
-          f"torch {torch.__version__}; timed chunks of {args.images:,} images after a warm-up, "
-          f"median of {args.chunks}, scaled to 60,000")
+          f"torch {torch.__version__}; per arm and round: chunks of {args.images:,} images after a warm-up, "
+          f"median of {args.chunks}, scaled to 60,000; below, medians over {args.rounds} alternating rounds")
     print(f"{'':10} {'model':12} {'params':>7} {'MACs/img':>9} {'batch':>5} {'train s/epoch':>13} "
           f"{'img/s':>7} {'test s':>7} {'peak MB':>8}")
     for row in results:
         print(f"{row['arm']:10} {row['model']:12} {row['params']:7,} {row['macs'] / 1e6:8.2f}M "
               f"{row['batch_size']:5} {row['epoch_seconds']:13.2f} {row['images_per_second']:7.0f} "
               f"{row['test_seconds']:7.2f} {row['peak_memory_mb']:8.0f}")
-    ratio = reference["epoch_seconds"] / ours["epoch_seconds"]
+    reference, ours = results
+    ratio = statistics.median(ratios)
     floor = 3 * ours["macs"] * TRAIN_IMAGES * 2 / (gflops * 1e9)
-    print(f"ratio reference/ours: training {ratio:.2f}x, test pass "
-          f"{reference['test_seconds'] / ours['test_seconds']:.2f}x")
+    print(f"ratio reference/ours: training {ratio:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)}), "
+          f"test pass {reference['test_seconds'] / ours['test_seconds']:.2f}x")
     print(f"ours against its compute floor (3 x {ours['macs'] / 1e6:.2f}M MACs x 60,000 at "
           f"{gflops:.0f} GFLOP/s = {floor:.2f} s): {ours['epoch_seconds'] / floor:.2f}x the floor")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"matmul_gflops": gflops, "arms": results, "ratio": ratio, "floor_seconds": floor,
-                       "torch": torch.__version__}, file, indent=1)
+            json.dump({"matmul_gflops": gflops, "arms": results, "ratio": ratio, "round_ratios": ratios,
+                       "rounds": rounds, "floor_seconds": floor, "torch": torch.__version__}, file, indent=1)
     return 0
 
 

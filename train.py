@@ -122,8 +122,12 @@ def summarise_seeds(runs):
     finals = [run["epochs"][-1]["test_acc"] for run in runs]
     return {"model": runs[0]["model"], "params": runs[0]["params"], "epochs": len(runs[0]["epochs"]),
             "final_test_acc": {str(run["seed"]): run["epochs"][-1]["test_acc"] for run in runs},
+            # A run that ends well by luck shows it here: the worst of its last three epochs.
+            "last3_min_test_acc": {str(run["seed"]): min(row["test_acc"] for row in run["epochs"][-3:])
+                                   for run in runs},
             "mean": statistics.mean(finals), "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "min": min(finals), "max": max(finals), "config": runs[0]["config"]}
+            "min": min(finals), "max": max(finals),
+            "config": {key: value for key, value in runs[0]["config"].items() if key != "seed"}}
 
 
 def main(argv=None):

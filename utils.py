@@ -143,9 +143,21 @@ def runtime_info(device):
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
     }
+
+
+def cpu_name():
+    # platform.processor() says only "x86_64" on Linux; /proc/cpuinfo names the model.
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,12 +180,14 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpo
 
 
 def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
-    code, out, err = cli(capsys, *SMALL, "--epochs", 1, "--seeds", "0-2", "--out", tmp_path)
+    code, out, err = cli(capsys, *SMALL, "--epochs", 2, "--seeds", "0-2", "--out", tmp_path)
     assert code == 0, err
     summary = json.loads((tmp_path / "seeds.json").read_text())
-    finals = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["epochs"][-1]["test_acc"]
-              for s in range(3)]
+    histories = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["epochs"] for s in range(3)]
+    finals = [history[-1]["test_acc"] for history in histories]
     assert summary["final_test_acc"] == {str(s): acc for s, acc in enumerate(finals)}
+    assert summary["last3_min_test_acc"] == {
+        str(s): min(history[0]["test_acc"], history[1]["test_acc"]) for s, history in enumerate(histories)}
     assert summary["mean"] == pytest.approx(sum(finals) / 3)
     assert summary["min"] == min(finals)
     assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())

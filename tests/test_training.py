@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from model import Net, NetCompact
 from utils import TensorLoader, TrainConfig, evaluate, fit, make_loaders, prepare_model, seed_everything
 
@@ -57,3 +58,11 @@ def test_fit_learns_and_reports_each_epoch():
     for row in history:
         assert 0 <= row["train_acc"] <= 100 and 0 <= row["test_acc"] <= 100
         assert row["test_acc"] * 500 / 100 == pytest.approx(round(row["test_acc"] * 5))
+
+
+@pytest.mark.slow
+def test_full_training_reaches_the_accuracy_target(tmp_path):
+    """The README's headline run: the defaults (Net, 20 epochs, seed 0) on the real data, final epoch."""
+    metrics = train.train_once({"seed": 0}, out=tmp_path, progress=False)
+    assert len(metrics["epochs"]) == 20
+    assert metrics["epochs"][-1]["test_acc"] >= 99.4, metrics["epochs"][-1]

@@ -4,7 +4,17 @@ import torch.nn.functional as F
 
 import train
 from model import Net, NetCompact
-from utils import TensorLoader, TrainConfig, evaluate, fit, make_loaders, prepare_model, seed_everything
+from utils import (
+    TensorLoader,
+    TrainConfig,
+    confusion_matrix,
+    evaluate,
+    fit,
+    make_loaders,
+    plot_history,
+    prepare_model,
+    seed_everything,
+)
 
 CPU = torch.device("cpu")
 SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100}
@@ -66,3 +76,23 @@ def test_full_training_reaches_the_accuracy_target(tmp_path):
     metrics = train.train_once({"seed": 0}, out=tmp_path, progress=False)
     assert len(metrics["epochs"]) == 20
     assert metrics["epochs"][-1]["test_acc"] >= 99.4, metrics["epochs"][-1]
+
+
+def test_confusion_matrix_counts_true_rows_against_predicted_columns():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 2, 0, 2])
+    counts = confusion_matrix(predictions, labels, classes=3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert counts.sum() == len(labels) and counts.trace() == (predictions == labels).sum()
+
+
+def test_plot_history_draws_train_and_test_curves_of_loss_and_accuracy():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 0.5 / e, "train_acc": 98 + e / 10,
+                "test_acc": 98.5 + e / 10} for e in (1, 2, 3)]
+    figure = plot_history(history)
+    loss_axes, acc_axes = figure.axes
+    assert [list(line.get_ydata()) for line in loss_axes.lines] == [[1, 0.5, 1 / 3], [0.5, 0.25, 0.5 / 3]]
+    assert list(acc_axes.lines[1].get_ydata()) == [98.6, 98.7, 98.8]
+    assert "98.80%" in acc_axes.get_title()

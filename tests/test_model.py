@@ -36,6 +36,16 @@ def test_built_from_conv_batchnorm_dropout_and_global_average_pooling(name):
     assert (linears[0].in_features, linears[0].out_features) == (convs[-1].out_channels, 10)
 
 
+def test_netcompact_is_depthwise_separable_after_its_first_convolution():
+    convs = [module for module in NetCompact().modules() if isinstance(module, nn.Conv2d)]
+    assert convs[0].kernel_size == (3, 3) and convs[0].groups == 1
+    for depthwise, pointwise in zip(convs[1::2], convs[2::2]):
+        assert depthwise.kernel_size == (3, 3) and depthwise.groups == depthwise.in_channels > 1
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+    assert len(convs) % 2 == 1
+    assert all(conv.groups == 1 for conv in Net().modules() if isinstance(conv, nn.Conv2d))
+
+
 def test_net_has_dropout_that_acts_in_training_only():
     model = Net()
     assert any(isinstance(module, nn.Dropout) and module.p > 0 for module in model.modules())

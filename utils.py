@@ -394,6 +394,7 @@ def confusion_matrix(predictions, labels, classes=10):
 def plot_history(history):
     """A matplotlib figure of the train and test loss and accuracy per epoch."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
@@ -406,6 +407,7 @@ def plot_history(history):
                  ylim=(min(97.0, history[-1]["train_acc"] - 1, final - 1), 100))
     acc_axes.axhline(99.4, color="grey", lw=0.8, ls="--", label="99.4%")
     for axes in (loss_axes, acc_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
@@ -484,6 +486,7 @@ def save_checkpoint(path, model, optimizer, scheduler, train_loader, config, his
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as file:
         write(file)

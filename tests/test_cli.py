@@ -169,7 +169,7 @@ class PoisonedLoader:
 def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpoint(tmp_path):
     config = TrainConfig(train_limit=1000, test_limit=200, batch_size=100, epochs=3)
     train_loader, test_loader = make_loaders(config, CPU)
-    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint = tmp_path / "not-yet-made" / "checkpoint.pt"  # fit makes the folder
     with pytest.raises(NonFiniteLossError, match="at epoch 2, batch 3 of 10") as caught:
         fit(Net(), PoisonedLoader(train_loader, epoch=2, batch=3), test_loader, config,
             checkpoint=checkpoint, progress=False, log=lambda line: None)

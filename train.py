@@ -42,6 +42,7 @@ HELP = {
     "rotate": "training augmentation: random rotation in degrees",
     "shift": "training augmentation: random shift in pixels",
     "scale": "training augmentation: random zoom by a factor in [1 - scale, 1 + scale]",
+    "ema": "test and keep an exponential moving average of the weights with this per-step decay (0: off)",
     "seed": "random seed (weights, shuffling, augmentation, dropout)",
     "pipeline": "tensor: dataset on the device, batched augmentation; torchvision: DataLoader reference",
     "data_dir": "folder holding MNIST/raw; downloaded there when missing (env MNIST_DATA)",

@@ -1,6 +1,7 @@
 """Devices, MNIST data pipelines, the train/test loops and checkpoints, shared by train.py, bench.py
 and S6.ipynb."""
 
+import copy
 import ctypes
 import math
 import os
@@ -36,6 +37,7 @@ class TrainConfig:
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     shift: float = 2.0  # pixels, uniform in [-shift, shift] along each axis
     scale: float = 0.1  # zoom by a factor uniform in [1 - scale, 1 + scale]
+    ema: float = 0.0  # per-step decay of an average of the weights that is tested and kept; 0: off
     seed: int = 0
     pipeline: str = "tensor"  # "tensor" (fast, on the device) or "torchvision" (DataLoader reference)
     data_dir: str = os.environ.get("MNIST_DATA", "./data")
@@ -56,6 +58,7 @@ class TrainConfig:
             (0 <= self.rotate <= 180, f"rotation must be between 0 and 180 degrees, got {self.rotate}"),
             (0 <= self.shift < 14, f"shift must be between 0 and 14 pixels, got {self.shift}"),
             (0 <= self.scale < 1, f"scale must be in [0, 1), got {self.scale}"),
+            (0 <= self.ema < 1, f"ema decay must be in [0, 1) (0 turns it off), got {self.ema}"),
             (self.pipeline in ("tensor", "torchvision"),
              f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
             (self.train_limit >= 0, f"train limit must be >= 0 (0 means all), got {self.train_limit}"),
@@ -324,7 +327,7 @@ def smoothed_nll(log_probs, labels, smoothing):
 
 
 def train_epoch(model, loader, optimizer, scheduler=None, *, label_smoothing=0.0, epoch=1,
-                max_batches=None, progress=True):
+                max_batches=None, progress=True, averaged=None):
     """One pass over ``loader``; returns {"train_loss", "train_acc"} (mean loss, percent correct).
 
     Raises NonFiniteLossError naming the epoch and batch where the loss stopped being finite.
@@ -346,6 +349,8 @@ def train_epoch(model, loader, optimizer, scheduler=None, *, label_smoothing=0.0
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if averaged is not None:
+            averaged.update()
         loss = loss.detach()
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, batch)
         loss_sum += loss * len(labels)
@@ -432,26 +437,47 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     epochs = 1 if config.dry_run else config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=epochs,
                                                     steps_per_epoch=batches, pct_start=0.25)
+    averaged = WeightAverage(model, config.ema) if config.ema else None
+    tested = model if averaged is None else averaged.model
     history = []
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        history = restore_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config)
+        history = restore_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, averaged)
         log(f"resumed from {checkpoint} after epoch {len(history)}")
     for epoch in range(len(history) + 1, epochs + 1):
         lr = scheduler.get_last_lr()[0]
         started = time.perf_counter()
         train_metrics = train_epoch(model, train_loader, optimizer, scheduler, epoch=epoch,
                                     label_smoothing=config.label_smoothing, max_batches=batches,
-                                    progress=progress)
+                                    progress=progress, averaged=averaged)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        test_metrics = evaluate(model, test_loader, max_batches=2 if config.dry_run else None)
+        test_metrics = evaluate(tested, test_loader, max_batches=2 if config.dry_run else None)
         history.append({"epoch": epoch, "lr": lr, **train_metrics, "test_loss": test_metrics["loss"],
                         "test_acc": test_metrics["acc"], "seconds": train_seconds,
                         "test_seconds": time.perf_counter() - started})
         log(format_epoch(history[-1]))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, history)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, history, averaged)
+    if averaged is not None:
+        model.load_state_dict(averaged.model.state_dict())  # the caller gets the weights that were tested
     return history
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every
+    step. Late in training the raw weights still jump from batch to batch; their average does not, so
+    it is the better model to test and keep."""
+
+    def __init__(self, model, decay):
+        self.model, self.decay = copy.deepcopy(model), decay
+        # state_dict() tensors share memory with the modules: pair them once, update them in place.
+        pairs = [(mine, theirs) for mine, theirs in zip(self.model.state_dict().values(),
+                                                        model.state_dict().values()) if mine.is_floating_point()]
+        self.mine, self.theirs = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.mine, self.theirs, 1 - self.decay)
 
 
 def format_epoch(row):
@@ -467,13 +493,14 @@ def format_epoch(row):
 RESUMABLE_CHANGES = {"data_dir", "device"}
 
 
-def save_checkpoint(path, model, optimizer, scheduler, train_loader, config, history):
+def save_checkpoint(path, model, optimizer, scheduler, train_loader, config, history, averaged=None):
     """Write everything needed to continue exactly, to a temporary file renamed over ``path``."""
     state = {
         "config": asdict(config),
         "epoch": len(history),
         "history": history,
         "model": model.state_dict(),
+        "averaged": None if averaged is None else averaged.model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
@@ -507,18 +534,21 @@ def read_checkpoint(path):
     return state
 
 
-def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config):
+def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, averaged=None):
     """Load ``path`` into the given objects and return its history; CheckpointError if unusable."""
     state = read_checkpoint(path)
     saved = state["config"]
     changed = [f"{field.name} {saved.get(field.name)!r} -> {getattr(config, field.name)!r}"
                for field in fields(config)
-               if field.name not in RESUMABLE_CHANGES and saved.get(field.name) != getattr(config, field.name)]
+               if field.name not in RESUMABLE_CHANGES
+               and saved.get(field.name, field.default) != getattr(config, field.name)]
     if changed:
         raise CheckpointError(f"checkpoint {path} was made with other settings ({'; '.join(changed)}): "
                               "resume with the same settings, or use another --out")
     try:
         model.load_state_dict(state["model"])
+        if averaged is not None:
+            averaged.model.load_state_dict(state["averaged"])
     except RuntimeError:
         raise CheckpointError(f"checkpoint {path} holds weights of another model than "
                               f"{type(model).__name__}: use another --out") from None

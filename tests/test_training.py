@@ -96,3 +96,40 @@ def test_plot_history_draws_train_and_test_curves_of_loss_and_accuracy():
     assert [list(line.get_ydata()) for line in loss_axes.lines] == [[1, 0.5, 1 / 3], [0.5, 0.25, 0.5 / 3]]
     assert list(acc_axes.lines[1].get_ydata()) == [98.6, 98.7, 98.8]
     assert "98.80%" in acc_axes.get_title()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
+    config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.9})
+    seed_everything(0)
+    whole = prepare_model(Net(), CPU)
+    history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
+    # The returned model holds the averaged weights, the ones whose test accuracy the history reports.
+    assert evaluate(whole, make_loaders(config, CPU)[1])["acc"] == history[-1]["test_acc"]
+
+    def stop_in_epoch_2(line):
+        if line.startswith("epoch  2"):
+            raise Stop  # before epoch 2's checkpoint: the one on disk is epoch 1's
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    seed_everything(0)
+    with pytest.raises(Stop):
+        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=checkpoint,
+            progress=False, log=stop_in_epoch_2)
+    seed_everything(0)
+    resumed = prepare_model(Net(), CPU)
+    resumed_history = fit(resumed, *make_loaders(config, CPU), config, checkpoint=checkpoint, resume=True,
+                          progress=False, log=lambda line: None)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
+    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in resumed_history]
+
+    seed_everything(0)
+    raw = prepare_model(Net(), CPU)
+    fit(raw, *make_loaders(TrainConfig(**{**SMALL, "epochs": 3}), CPU), TrainConfig(**{**SMALL, "epochs": 3}),
+        progress=False, log=lambda line: None)
+    assert not torch.equal(raw.features[0].weight, whole.features[0].weight)

@@ -538,7 +538,8 @@ def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, 
     """Load ``path`` into the given objects and return its history; CheckpointError if unusable."""
     state = read_checkpoint(path)
     saved = state["config"]
-    changed = [f"{field.name} {saved.get(field.name)!r} -> {getattr(config, field.name)!r}"
+    # A setting added after the checkpoint was written counts as its default.
+    changed = [f"{field.name} {saved.get(field.name, field.default)!r} -> {getattr(config, field.name)!r}"
                for field in fields(config)
                if field.name not in RESUMABLE_CHANGES
                and saved.get(field.name, field.default) != getattr(config, field.name)]

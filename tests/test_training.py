@@ -130,6 +130,6 @@ def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
 
     seed_everything(0)
     raw = prepare_model(Net(), CPU)
-    fit(raw, *make_loaders(TrainConfig(**{**SMALL, "epochs": 3}), CPU), TrainConfig(**{**SMALL, "epochs": 3}),
-        progress=False, log=lambda line: None)
+    plain = TrainConfig(**{**SMALL, "epochs": 3})
+    fit(raw, *make_loaders(plain, CPU), plain, progress=False, log=lambda line: None)
     assert not torch.equal(raw.features[0].weight, whole.features[0].weight)

@@ -23,22 +23,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
+from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
 from model import MODELS
-from utils import (
-    MNIST_MEAN,
-    MNIST_STD,
-    DeviceDataLoader,
-    TrainConfig,
-    evaluate,
-    keep_freed_memory,
-    load_mnist,
-    make_loaders,
-    pick_device,
-    prepare_model,
-)
+from utils import TrainConfig, evaluate, keep_freed_memory, pick_device, prepare_model
 
 TRAIN_IMAGES = 60_000
 MEDIAN_KEYS = ("epoch_seconds", "images_per_second", "test_seconds", "peak_memory_mb")
@@ -62,26 +53,13 @@ class ReferenceNet(nn.Module):
 
 
 def count_macs(model):
-    """Multiply-accumulates of one forward pass of one image, counting convolutions and linear layers."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += output[0].numel() * kernel
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    """Multiply-accumulates of one forward pass of one image (half of what FlopCounterMode counts)."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
     model.train(was_training)
-    for handle in handles:
-        handle.remove()
-    return total
+    return counter.get_total_flops() // 2
 
 
 def matmul_gflops(device, size=2048, repeats=20):

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from utils import TrainConfig, load_mnist
+from data import load_mnist
+from utils import TrainConfig
 
 # pytest re-executes S6.ipynb through nbval: in a short setting unless S6_SMOKE=0 asks for the full run.
 os.environ.setdefault("S6_SMOKE", "1")

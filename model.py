@@ -47,10 +47,33 @@ class CompactCNN(nn.Module):
         x = self.pool(self.features(x)).flatten(1)
         return F.log_softmax(self.classifier(x), dim=1)
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As nn.Module's, but weights of another model get a one-line ValueError naming the class
+        they fit, instead of a list of every mismatched tensor."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError:
+            shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+            fits = [name for name, cls in MODELS.items()
+                    if {k: tuple(v.shape) for k, v in cls().state_dict().items()} == shapes]
+            hint = (f"they are weights of {fits[0]}: load them into {fits[0]}()" if fits else
+                    "load them into the model class they were trained with (metrics.json names it)")
+            raise ValueError(f"these weights do not fit {type(self).__name__}: {hint}") from None
+
     @torch.inference_mode()
     def predict(self, images):
-        """Predicted digits for normalised images shaped (N, 1, 28, 28), (1, 28, 28) or (28, 28)."""
+        """Predicted digits for normalised images shaped (N, 1, 28, 28), (1, 28, 28) or (28, 28).
+
+        Raises ValueError for images that would give an answer without meaning: NaN or infinite values,
+        or values far outside the normalised range (about -0.42 to 2.82), such as raw 0-255 pixels.
+        """
         check_images(images, batched=False)
+        if not torch.isfinite(images).all():
+            raise ValueError("images hold NaN or infinite values: check how they were made")
+        low, high = torch.aminmax(images) if images.numel() else (0, 0)
+        if low < -5 or high > 5:
+            raise ValueError(f"images range from {low:g} to {high:g}, far outside normalised MNIST (about "
+                             "-0.42 to 2.82): normalise 0-255 pixels with (x / 255 - 0.1307) / 0.3081")
         while images.dim() < 4:
             images = images.unsqueeze(0)
         was_training = self.training

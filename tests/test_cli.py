@@ -11,8 +11,9 @@ import torch
 import torchvision
 
 import train
+from data import make_loaders
 from model import Net
-from utils import NonFiniteLossError, TrainConfig, fit, make_loaders, read_checkpoint
+from utils import NonFiniteLossError, TrainConfig, fit, read_checkpoint
 
 CPU = torch.device("cpu")
 DATA_DIR = TrainConfig().data_dir
@@ -77,14 +78,15 @@ def test_missing_data_without_internet_exits_2_with_one_line(tmp_path, capsys, m
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     code, _, err = cli(capsys, "--data-dir", tmp_path / "empty", "--dry-run")
     assert code == 2
-    assert err.count("\n") == 1 and "could not be downloaded" in err and "--data-dir" in err
+    assert err.count("\n") == 1 and "the download failed" in err and "--data-dir" in err
+    assert not (tmp_path / "empty").exists(), "the failed download left folders behind"
 
 
 def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
     assert cli(capsys, "--dry-run", "--out", tmp_path)[0] == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
     code, _, err = cli(capsys, "--dry-run", "--out", tmp_path)
-    assert code == 2 and "already exists: pass --resume" in err
+    assert code == 2 and "already holds a finished run (metrics.json): pass --resume" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 

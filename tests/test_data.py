@@ -10,16 +10,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from utils import (
-    MNIST_FILES,
-    MNIST_MEAN,
-    MNIST_STD,
-    DataError,
-    TensorLoader,
-    TrainConfig,
-    load_mnist,
-    make_loaders,
-)
+from data import MNIST_FILES, MNIST_MEAN, MNIST_STD, TensorLoader, load_mnist, make_loaders
+from utils import DataError, TrainConfig
 
 CPU = torch.device("cpu")
 DATA_DIR = TrainConfig().data_dir
@@ -138,8 +130,9 @@ def test_foreign_or_truncated_files_are_refused_by_name(raw_copy, content, words
 
 def test_missing_data_without_internet_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(DataError, match="could not be downloaded .*connect to the internet"):
+    with pytest.raises(DataError, match="MNIST is missing from .* the download failed .*connect to the internet"):
         load_mnist(tmp_path / "nowhere", train=True)
+    assert not (tmp_path / "nowhere").exists(), "the failed download left folders behind"
 
 
 def test_missing_data_is_downloaded_from_a_mirror(tmp_path, raw_copy, monkeypatch):

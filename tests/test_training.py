@@ -3,18 +3,9 @@ import torch
 import torch.nn.functional as F
 
 import train
+from data import TensorLoader, make_loaders
 from model import Net, NetCompact
-from utils import (
-    TensorLoader,
-    TrainConfig,
-    confusion_matrix,
-    evaluate,
-    fit,
-    make_loaders,
-    plot_history,
-    prepare_model,
-    seed_everything,
-)
+from utils import TrainConfig, confusion_matrix, evaluate, fit, plot_history, prepare_model, seed_everything
 
 CPU = torch.device("cpu")
 SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100}

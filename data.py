@@ -1,0 +1,221 @@
+"""MNIST for training: the files (checked, downloaded when missing), batched augmentation on the
+device, and the two pipelines that yield normalised batches.
+
+    train_loader, test_loader = make_loaders(TrainConfig(), device)
+"""
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from utils import DataError
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def make_loaders(config, device):
+    """(train_loader, test_loader) for ``config.pipeline``; the test set is never shuffled or augmented.
+
+    Both yield (normalised images (B, 1, 28, 28), labels (B,)) on the device and expose ``generator``,
+    whose state a checkpoint saves, so the training loop never tells them apart.
+    """
+    loaders = []
+    for train, limit in ((True, config.train_limit), (False, config.test_limit)):
+        images, labels = load_mnist(config.data_dir, train=train)
+        limit = limit or len(labels)
+        if config.pipeline == "tensor":
+            loaders.append(TensorLoader(images[:limit], labels[:limit], config.batch_size, device, train=train,
+                                        rotate=config.rotate, shift=config.shift, scale=config.scale,
+                                        seed=config.seed))
+        else:
+            loaders.append(torchvision_loader(config, device, train, limit))
+    return tuple(loaders)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor pipeline (the default): a whole split on the device, whole batches augmented at once
+
+
+class TensorLoader:
+    """A whole split kept as one tensor on the device; each epoch shuffles it with a seeded
+    generator and warps every training image at once with affine_grid + grid_sample."""
+
+    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, seed=0):
+        self.images = images.to(device).unsqueeze(1).float().div_(255)
+        self.labels = labels.to(device)
+        self.batch_size, self.train = batch_size, train
+        self.rotate, self.shift, self.scale = rotate, shift, scale
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        count, device = len(self.labels), self.labels.device
+        augment = self.train and (self.rotate or self.shift or self.scale)
+        if self.train:
+            # One draw and one host-to-device copy per epoch instead of one per batch.
+            order = torch.randperm(count, generator=self.generator).to(device)
+            if augment:
+                thetas = random_affine(count, self.rotate, self.shift, self.generator, self.scale).to(device)
+        for start in range(0, count, self.batch_size):
+            if self.train:
+                index = order[start:start + self.batch_size]
+                images, labels = self.images[index], self.labels[index]
+            else:
+                images = self.images[start:start + self.batch_size]
+                labels = self.labels[start:start + self.batch_size]
+            if augment:
+                images = affine_transform(images, thetas[start:start + self.batch_size])
+            yield normalise(images), labels
+
+
+def normalise(pixels):
+    """Pixels in [0, 1] to the inputs the models expect."""
+    return (pixels - MNIST_MEAN) / MNIST_STD
+
+
+def random_affine(count, rotate, shift, generator, scale=0.0):
+    """``count`` affine_grid matrices of a uniform rotation in [-rotate, rotate] degrees, a shift in
+    [-shift, shift] pixels along each axis and a zoom by a factor in [1 - scale, 1 + scale]."""
+    angles = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(rotate)
+    offsets = (torch.rand(count, 2, generator=generator) * 2 - 1) * (2 * shift / 28)
+    cos, sin = angles.cos(), angles.sin()
+    if scale:
+        # affine_grid maps output to input coordinates: reading from a smaller area zooms in.
+        zoom = 1 + (torch.rand(count, generator=generator) * 2 - 1) * scale
+        cos, sin = cos / zoom, sin / zoom
+    return torch.stack([torch.stack([cos, -sin, offsets[:, 0]], 1),
+                        torch.stack([sin, cos, offsets[:, 1]], 1)], 1)
+
+
+def affine_transform(images, thetas):
+    """Warp a batch (B, 1, 28, 28) by per-image affine matrices, filling with black (0) outside."""
+    grid = F.affine_grid(thetas, images.shape, align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torchvision pipeline: the classic DataLoader with per-image PIL transforms (the reference)
+
+
+def torchvision_loader(config, device, train, limit):
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    if train and (config.rotate or config.shift or config.scale):
+        steps.insert(0, transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
+                                                scale=(1 - config.scale, 1 + config.scale)))
+    dataset = torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps))
+    dataset = torch.utils.data.Subset(dataset, range(limit))
+    return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed)
+
+
+class DeviceDataLoader:
+    """torchvision's DataLoader, moving each batch to the device."""
+
+    def __init__(self, dataset, batch_size, device, *, train, seed=0, workers=2):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=train, generator=self.generator,
+            num_workers=workers, pin_memory=device.type == "cuda")
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The files
+
+# name: (IDX magic number, the header's dimensions)
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (2051, (60_000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60_000,)),
+    "t10k-images-idx3-ubyte": (2051, (10_000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10_000,)),
+}
+REMEDY = ("delete it so that it is downloaded again, or point --data-dir (MNIST_DATA) at a folder holding "
+          "MNIST/raw with the genuine files")
+
+
+def load_mnist(root, train, download=True):
+    """(images uint8 (N, 28, 28), labels int64 (N,)) of one MNIST split, read through torchvision.
+
+    Looks in ``root/MNIST/raw``, downloading there when files are missing and ``download`` is set.
+    Raises DataError, saying what to do, for missing, undownloadable, unreadable or foreign files.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    for name in MNIST_FILES:
+        if (raw / name).exists() and (problem := mnist_file_problem(raw / name)):
+            raise DataError(f"MNIST file {raw / name} {problem}")
+    missing = [name for name in MNIST_FILES if not (raw / name).exists()]
+    if missing:
+        if not download:
+            raise DataError(f"MNIST file(s) {', '.join(missing)} missing from {raw}: point --data-dir "
+                            "(MNIST_DATA) at a folder holding MNIST/raw, or allow the download")
+        download_mnist(root, missing)
+    try:
+        dataset = torchvision.datasets.MNIST(root, train=train, download=False)
+    except (RuntimeError, OSError, ValueError, AssertionError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"MNIST in {raw} could not be read ({reason[:200]}): {REMEDY}") from None
+    labels = dataset.targets
+    if labels.min() < 0 or labels.max() > 9:
+        name = "train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte"
+        raise DataError(f"MNIST file {raw / name} holds label values outside 0-9 (from {labels.min().item()} "
+                        f"to {labels.max().item()}): {REMEDY}")
+    return dataset.data, labels
+
+
+def mnist_file_problem(path):
+    """None if ``path`` looks like the genuine MNIST file of its name, else what is wrong and what to do."""
+    magic, dims = MNIST_FILES[path.name]
+    header_size = 4 + 4 * len(dims)
+    expected_size = header_size + math.prod(dims)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(header_size)
+    except PermissionError:
+        return "cannot be read (permission denied): give yourself read permission (chmod u+r) or copy it"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or type(error).__name__}): {REMEDY}"
+    if head.lstrip()[:1] == b"<":
+        return f"holds an HTML or XML page (a failed download), not MNIST data: {REMEDY}"
+    if size != expected_size:
+        return f"is {size:,} bytes, expected {expected_size:,} (truncated, empty or not MNIST): {REMEDY}"
+    if int.from_bytes(head[:4], "big") != magic:
+        return f"starts with IDX magic number {int.from_bytes(head[:4], 'big')}, expected {magic}: {REMEDY}"
+    header_dims = tuple(int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(len(dims)))
+    if header_dims != dims:
+        shape = " x ".join(f"{d:,}" for d in header_dims)
+        return f"has an IDX header of {shape}, expected {' x '.join(f'{d:,}' for d in dims)} (corrupt): {REMEDY}"
+    return None
+
+
+def download_mnist(root, missing):
+    """Download MNIST into ``root/MNIST/raw``; on failure, remove the folders this call made."""
+    raw = Path(root) / "MNIST" / "raw"
+    made = [folder for folder in (Path(root), raw.parent, raw) if not folder.exists()]
+    try:
+        torchvision.datasets.MNIST(root, train=True, download=True)
+    except (RuntimeError, OSError, ValueError) as error:  # URLError is an OSError
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        if isinstance(error, PermissionError):
+            raise DataError(f"MNIST is missing from {raw} and cannot be downloaded there (permission denied): "
+                            "point --data-dir (MNIST_DATA) at a folder you can write to") from None
+        reason = " ".join(str(error).split()) or type(error).__name__
+        what = "MNIST is" if len(missing) == len(MNIST_FILES) else f"MNIST file(s) {', '.join(missing)} are"
+        raise DataError(f"{what} missing from {raw} and the download failed "
+                        f"({reason[:200]}): connect to the internet, or point --data-dir (MNIST_DATA) at a "
+                        "folder holding MNIST/raw") from None

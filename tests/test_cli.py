@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -37,10 +38,24 @@ def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
     assert len(metrics["epochs"]) == 1
     assert set(metrics["epochs"][0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                                          "seconds"}
-    assert metrics["config"] == {**TrainConfig(dry_run=True).__dict__}
+    assert metrics["config"] == dataclasses.asdict(TrainConfig(dry_run=True))
     assert metrics["runtime"]["torch"] == torch.__version__
     assert metrics["runtime"]["torchvision"] == torchvision.__version__
     Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if head.returncode == 0:
+        assert metrics["runtime"]["git_commit"] == head.stdout.strip()
+        assert isinstance(metrics["runtime"]["git_dirty"], bool)
+
+
+def test_every_setting_has_its_flag_with_help_and_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in dataclasses.fields(TrainConfig):
+        assert spec.metadata["help"] and " ".join(spec.metadata["help"].split()) in text, spec.name
+        assert "--" + spec.name.replace("_", "-") in text
+    assert "(default: 0.25)" in text and "--recipe" in text and "--overwrite" in text
 
 
 def test_limits_and_flags_reach_the_run(tmp_path, capsys):

@@ -3,9 +3,23 @@ import torch
 import torch.nn.functional as F
 
 import train
+import utils
 from data import TensorLoader, make_loaders
 from model import Net, NetCompact
-from utils import TrainConfig, confusion_matrix, evaluate, fit, plot_history, prepare_model, seed_everything
+from utils import (
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+    average_of,
+    confusion_matrix,
+    evaluate,
+    fit,
+    make_config,
+    make_optimizer,
+    plot_history,
+    prepare_model,
+    seed_everything,
+)
 
 CPU = torch.device("cpu")
 SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100}
@@ -124,3 +138,73 @@ def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
     plain = TrainConfig(**{**SMALL, "epochs": 3})
     fit(raw, *make_loaders(plain, CPU), plain, progress=False, log=lambda line: None)
     assert not torch.equal(raw.features[0].weight, whole.features[0].weight)
+
+
+def test_progress_bars_end_complete_on_the_last_batch(monkeypatch):
+    bars = []
+
+    class RecordingBar(utils.tqdm):
+        def close(self):
+            if not self.disable:
+                bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(utils, "tqdm", RecordingBar)
+    config = TrainConfig(**{**SMALL, "epochs": 1, "train_limit": 950})  # 10 batches, the last one short
+    train_loader, test_loader = make_loaders(config, CPU)
+    fit(prepare_model(Net(), CPU), train_loader, test_loader, config, progress=True, log=lambda line: None)
+    assert bars and all(count == total for count, total in bars), bars
+    assert (10, 10) in bars
+
+
+def test_the_weight_average_is_torchs_ema_of_every_step_from_the_initial_weights():
+    torch.manual_seed(0)
+    model = Net()
+    averaged = average_of(model, 0.9)
+    by_hand = {name: tensor.clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        loss = F.nll_loss(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        averaged.update_parameters(model)
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                by_hand[name] = torch.lerp(by_hand[name], tensor, 0.1)
+    for name, tensor in averaged.module.state_dict().items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, by_hand[name], rtol=0, atol=1e-7, msg=name)
+    assert not torch.equal(averaged.module.features[0].weight, model.features[0].weight)
+
+
+def test_the_schedule_rises_for_the_warmup_fraction_then_anneals():
+    model = Net()
+    for warmup in (0.25, 0.5):
+        config = TrainConfig(lr=0.4, warmup=warmup)
+        optimizer, scheduler = make_optimizer(model, config, total_steps=100)
+        rates = []
+        for _ in range(100):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        peak = max(range(100), key=rates.__getitem__)
+        assert abs(peak - warmup * 100) <= 1 and rates[peak] == pytest.approx(0.4)
+        assert rates[0] == pytest.approx(0.4 / 25) and rates[-1] < 0.001
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_mnist_data_is_read_when_a_config_is_made(monkeypatch):
+    monkeypatch.setenv("MNIST_DATA", "/somewhere/else")
+    assert TrainConfig().data_dir == "/somewhere/else"
+    monkeypatch.delenv("MNIST_DATA")
+    assert TrainConfig().data_dir == "./data"
+
+
+def test_a_model_trains_with_its_recipe_unless_told_otherwise():
+    assert make_config(model="NetCompact").epochs == RECIPES["NetCompact"]["epochs"]
+    assert make_config(model="NetCompact").ema == RECIPES["NetCompact"]["ema"]
+    assert make_config(model="NetCompact", epochs=3).epochs == 3
+    assert make_config() == TrainConfig()
+    with pytest.raises(ConfigError, match="unknown recipe 'fast': choose one of Net, NetCompact"):
+        make_config(recipe="fast")

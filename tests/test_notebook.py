@@ -1,0 +1,46 @@
+"""The notebook's first cell, run as a Colab user runs it: without the project's files beside it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_setup_cell(repo, folder, then=""):
+    """Run the first code cell with REPO set to ``repo`` in ``folder``, then the code ``then``."""
+    cells = json.loads((ROOT / "S6.ipynb").read_text())["cells"]
+    source = "".join(next(cell for cell in cells if cell["cell_type"] == "code")["source"])
+    assert 'REPO = ""  # @param {type:"string"}' in source, "REPO is a Colab form field, empty by default"
+    source = source.replace('REPO = ""', f"REPO = {repo!r}") + "\n" + then
+    return subprocess.run([sys.executable, "-c", source], cwd=folder, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_without_the_files_or_an_address_the_first_cell_says_what_to_do(tmp_path):
+    result = run_setup_cell("", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "set REPO in the first cell" in result.stderr and "upload" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_address_is_named_in_one_message(tmp_path):
+    result = run_setup_cell(str(tmp_path / "nowhere"), tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "git clone" in result.stderr and "nowhere" in result.stderr and "check REPO" in result.stderr
+
+
+def test_with_an_address_the_first_cell_clones_and_the_project_imports(tmp_path):
+    committed = subprocess.run(["git", "ls-files", "model.py", "data.py", "utils.py"], cwd=ROOT,
+                               capture_output=True, text=True, check=False).stdout.split()
+    if len(committed) < 3:
+        pytest.skip("not a git checkout with the project committed")
+    then = "import model, data, utils\nprint(os.getcwd(), model.Net.__name__, data.__file__)"
+    result = run_setup_cell(f"file://{ROOT}", tmp_path, then)
+    assert result.returncode == 0, result.stderr
+    clone = tmp_path / ROOT.name
+    assert result.stdout.split()[-3:] == [str(clone), "Net", str(clone / "data.py")]

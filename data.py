@@ -160,8 +160,8 @@ def load_mnist(root, train, download=True):
     missing = [name for name in MNIST_FILES if not (raw / name).exists()]
     if missing:
         if not download:
-            raise DataError(f"MNIST file(s) {', '.join(missing)} missing from {raw}: point --data-dir "
-                            "(MNIST_DATA) at a folder holding MNIST/raw, or allow the download")
+            raise DataError(f"{missing_files(missing)} missing from {raw}: point --data-dir (MNIST_DATA) at a "
+                            "folder holding MNIST/raw, or allow the download")
         download_mnist(root, missing)
     try:
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)
@@ -202,6 +202,10 @@ def mnist_file_problem(path):
     return None
 
 
+def missing_files(names):
+    return "MNIST is" if len(names) == len(MNIST_FILES) else f"MNIST file(s) {', '.join(names)} are"
+
+
 def download_mnist(root, missing):
     """Download MNIST into ``root/MNIST/raw``; on failure, remove the folders this call made."""
     raw = Path(root) / "MNIST" / "raw"
@@ -215,7 +219,6 @@ def download_mnist(root, missing):
             raise DataError(f"MNIST is missing from {raw} and cannot be downloaded there (permission denied): "
                             "point --data-dir (MNIST_DATA) at a folder you can write to") from None
         reason = " ".join(str(error).split()) or type(error).__name__
-        what = "MNIST is" if len(missing) == len(MNIST_FILES) else f"MNIST file(s) {', '.join(missing)} are"
-        raise DataError(f"{what} missing from {raw} and the download failed "
+        raise DataError(f"{missing_files(missing)} missing from {raw} and the download failed "
                         f"({reason[:200]}): connect to the internet, or point --data-dir (MNIST_DATA) at a "
                         "folder holding MNIST/raw") from None

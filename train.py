@@ -7,37 +7,41 @@
     python train.py --seeds 0-4 --out runs/seeds     # one run per seed and a summary (seeds.json)
 """
 
+import os
+import signal
+
+# Until main() starts nothing has been written, so Ctrl-C may end the process at once. Left to
+# Python, Ctrl-C while torch loads (seconds) ends in a traceback from deep inside an import.
+signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting: nothing was written\n"),
+                                         os._exit(130)))
+
 import argparse
 import json
-import os
 import statistics
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-try:
-    import torch
+import torch
 
-    from data import make_loaders
-    from model import MODELS
-    from utils import (
-        RECIPES,
-        ConfigError,
-        TrainingError,
-        atomic_write,
-        default_setting,
-        fit,
-        keep_freed_memory,
-        make_config,
-        pick_device,
-        prepare_model,
-        read_checkpoint,
-        runtime_info,
-        seed_everything,
-        settings_changes,
-    )
-except KeyboardInterrupt:  # Ctrl-C while torch loads, which takes seconds
-    sys.exit("interrupted while starting: nothing was written")
+from data import make_loaders
+from model import MODELS
+from utils import (
+    RECIPES,
+    ConfigError,
+    TrainingError,
+    atomic_write,
+    default_setting,
+    fit,
+    keep_freed_memory,
+    make_config,
+    pick_device,
+    prepare_model,
+    read_checkpoint,
+    runtime_info,
+    seed_everything,
+    settings_changes,
+)
 
 try:
     import fcntl
@@ -48,6 +52,7 @@ RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "model.pt")
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     out, resume, overwrite, seeds, quiet = (args.pop(key, default) for key, default in (
         ("out", None), ("resume", False), ("overwrite", False), ("seeds", None), ("quiet", False)))

@@ -253,8 +253,8 @@ def test_a_closed_output_pipe_stops_quietly(tmp_path):
 
 def test_ctrl_c_while_starting_up_prints_no_traceback():
     process = subprocess.Popen(script("--dry-run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # inside `import torch`, which takes seconds
+    time.sleep(1.0)  # inside `import torch`, which takes seconds
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode in (1, 130) and "Traceback" not in stderr, stderr
-    assert "interrupted" in stderr
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr == "interrupted while starting: nothing was written\n"

@@ -41,8 +41,8 @@ def make_loaders(config, device):
 
 
 class TensorLoader:
-    """A whole split kept as one tensor on the device; each epoch shuffles it with a seeded
-    generator and warps every training image at once with affine_grid + grid_sample."""
+    """A whole split kept as one tensor on the device. Each epoch shuffles it with a seeded generator
+    and warps all its training images at once with affine_grid + grid_sample; the batches are views."""
 
     def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, seed=0):
         self.images = images.to(device).unsqueeze(1).float().div_(255)
@@ -55,23 +55,17 @@ class TensorLoader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
-        count, device = len(self.labels), self.labels.device
-        augment = self.train and (self.rotate or self.shift or self.scale)
+        images, labels = self.images, self.labels
         if self.train:
-            # One draw and one host-to-device copy per epoch instead of one per batch.
-            order = torch.randperm(count, generator=self.generator).to(device)
-            if augment:
-                thetas = random_affine(count, self.rotate, self.shift, self.generator, self.scale).to(device)
-        for start in range(0, count, self.batch_size):
-            if self.train:
-                index = order[start:start + self.batch_size]
-                images, labels = self.images[index], self.labels[index]
-            else:
-                images = self.images[start:start + self.batch_size]
-                labels = self.labels[start:start + self.batch_size]
-            if augment:
-                images = affine_transform(images, thetas[start:start + self.batch_size])
-            yield normalise(images), labels
+            # One draw, one host-to-device copy and one warp per epoch instead of one per batch.
+            order = torch.randperm(len(labels), generator=self.generator).to(labels.device)
+            images, labels = images[order], labels[order]
+            if self.rotate or self.shift or self.scale:
+                thetas = random_affine(len(labels), self.rotate, self.shift, self.generator, self.scale)
+                images = affine_transform(images, thetas.to(labels.device))
+        images = normalise(images)
+        for start in range(0, len(labels), self.batch_size):
+            yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
 
 
 def normalise(pixels):

@@ -103,7 +103,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
         device = pick_device(config.device)
         if device.type == "cpu":
             keep_freed_memory()
-        seed_everything(config.seed)
+        seed_everything(config.seed, device, config.deterministic)
         model = prepare_model(MODELS[config.model](), device)
         params = sum(p.numel() for p in model.parameters())
         train_loader, test_loader = make_loaders(config, device)

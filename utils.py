@@ -40,7 +40,8 @@ class TrainConfig:
     batch_size: int = setting(256, "training and test batch size")
     lr: float = setting(0.2, "peak learning rate of the one-cycle schedule")
     warmup: float = setting(0.25, "fraction of the steps over which the learning rate rises to its peak")
-    momentum: float = setting(0.9, "SGD momentum (Nesterov)")
+    momentum: float = setting(0.9, "SGD momentum (Nesterov), cycled 0.05 either side of this, against the "
+                                   "learning rate (0: none)")
     weight_decay: float = setting(5e-4, "L2 weight decay")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss")
     rotate: float = setting(10.0, "training augmentation: random rotation in degrees, uniform in [-r, r]")
@@ -56,6 +57,10 @@ class TrainConfig:
                           metadata={"help": "folder holding MNIST/raw; downloaded there when missing "
                                             "(default: env MNIST_DATA, else ./data)"})
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    step: str = setting("eager", "training step: eager (torch.optim, op by op), static (the same as fixed "
+                                 "tensors and tensor ops) or graph (static, captured in a CUDA graph; CUDA only)")
+    deterministic: bool = setting(True, "on CUDA, deterministic kernels: one seed, one result (the CPU's "
+                                        "kernels are deterministic already)")
     train_limit: int = setting(0, "train on the first N images only (0: all)")
     test_limit: int = setting(0, "test on the first N images only (0: all)")
     dry_run: bool = setting(False, "one epoch of two batches, for smoke tests")
@@ -72,13 +77,16 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr}"),
             (0 < self.warmup < 1, f"warmup must be a fraction in (0, 1), got {self.warmup}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.momentum == 0 or 0.05 <= self.momentum < 0.95,
+             f"momentum must be 0 or in [0.05, 0.95) (it cycles 0.05 either side), got {self.momentum}"),
             (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.rotate <= 180, f"rotation must be between 0 and 180 degrees, got {self.rotate}"),
             (0 <= self.shift < 14, f"shift must be between 0 and 14 pixels, got {self.shift}"),
             (0 <= self.scale < 1, f"scale must be in [0, 1), got {self.scale}"),
             (0 <= self.ema < 1, f"ema decay must be in [0, 1) (0 turns it off), got {self.ema}"),
+            (self.step in ("eager", "static", "graph"),
+             f"unknown step {self.step!r}: choose eager, static or graph"),
             (self.pipeline in ("tensor", "torchvision"),
              f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
             (self.train_limit >= 0, f"train limit must be >= 0 (0 means all), got {self.train_limit}"),
@@ -151,13 +159,13 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     if resume and checkpoint is not None and Path(checkpoint).exists():
         history = restore_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, averaged)
         log(f"resumed from {checkpoint} after epoch {len(history)}")
+    step = make_step(model, optimizer, scheduler, config, averaged)  # after the restore: it holds the buffers
     for epoch in range(len(history) + 1, epochs + 1):
         lr = scheduler.get_last_lr()[0]
         started = time.perf_counter()
         try:
-            train_metrics = train_epoch(model, train_loader, optimizer, scheduler, epoch=epoch,
-                                        label_smoothing=config.label_smoothing, max_batches=batches,
-                                        progress=progress, averaged=averaged)
+            train_metrics = train_epoch(model, train_loader, step, epoch=epoch, max_batches=batches,
+                                        progress=progress)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"{error}; {kept(checkpoint, history)}") from None
         train_seconds = time.perf_counter() - started
@@ -187,12 +195,26 @@ def kept(checkpoint, history):
 def make_optimizer(model, config, total_steps):
     """SGD with Nesterov momentum and weight decay, under a one-cycle schedule: the learning rate rises
     from lr/25 to ``config.lr`` over the first ``config.warmup`` of the steps, then anneals (cosine)
-    to almost zero. The scheduler steps once per batch."""
+    to almost zero, while the momentum moves the other way between ``config.momentum`` -/+ 0.05. The
+    scheduler steps once per batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                    pct_start=config.warmup)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup,
+        cycle_momentum=config.momentum > 0, base_momentum=max(config.momentum - 0.05, 0),
+        max_momentum=config.momentum + 0.05)
     return optimizer, scheduler
+
+
+def make_step(model, optimizer, scheduler, config, averaged=None):
+    """The training step that ``config.step`` names: eager, static, or static captured in a CUDA graph."""
+    device = next(model.parameters()).device
+    if config.step == "graph" and device.type != "cuda":
+        raise ConfigError(f"step 'graph' captures CUDA graphs, and the device is {device}: use --step eager "
+                          "or static there")
+    if config.step == "eager":
+        return EagerStep(model, optimizer, scheduler, config, averaged)
+    return StaticStep(model, optimizer, scheduler, config, averaged, capture=config.step == "graph")
 
 
 def average_of(model, decay):
@@ -204,44 +226,170 @@ def average_of(model, decay):
     return averaged
 
 
-def train_epoch(model, loader, optimizer, scheduler=None, *, label_smoothing=0.0, epoch=1,
-                max_batches=None, progress=True, averaged=None):
-    """One pass over ``loader``; returns {"train_loss", "train_acc"} (mean loss, percent correct).
+def train_epoch(model, loader, step, *, epoch=1, max_batches=None, progress=True):
+    """One pass over ``loader``, calling ``step`` (an EagerStep or a StaticStep) on each batch; returns
+    {"train_loss", "train_acc"} (mean loss, percent correct).
 
     Raises NonFiniteLossError naming the epoch and batch where the loss stopped being finite.
     """
     model.train()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    # Index of the first non-finite batch, kept on the device so that checking costs no sync.
-    first_bad = torch.full((), -1, device=device)
+    step.tally.zero_()
     seen = 0
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch} train", leave=False,
                disable=not progress)
     for batch, (images, labels) in enumerate(bar):
-        log_probs = model(images)
-        loss = F.cross_entropy(log_probs, labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if averaged is not None:
-            averaged.update_parameters(model)
-        loss = loss.detach()
-        first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, batch)
-        loss_sum += loss * len(labels)
-        correct += (log_probs.argmax(dim=1) == labels).sum()
+        step(images, labels)
         seen += len(labels)
-        if batch % 50 == 0 or batch + 1 == total:
-            if first_bad.item() >= 0:
-                raise NonFiniteLossError(
-                    f"training loss became non-finite at epoch {epoch}, batch {first_bad.item() + 1} of "
-                    f"{len(loader)}: lower --lr or check the input data")
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen}
+        if batch % 50 == 0 or batch + 1 == total:  # reading the tally waits for the device: not every batch
+            loss_sum, correct, last_loss, first_bad, _ = step.tally.tolist()
+            if first_bad:
+                raise NonFiniteLossError(f"training loss became non-finite at epoch {epoch}, batch "
+                                         f"{int(first_bad)} of {len(loader)}: lower --lr or check the input data")
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+    return {"train_loss": loss_sum / seen, "train_acc": 100 * correct / seen}
+
+
+class EagerStep:
+    """A training step with torch.optim's SGD and scheduler, run op by op: the default everywhere.
+
+    ``tally`` holds, on the device so that no step waits for it: the epoch's loss sum, correct count,
+    the last loss and the first batch (counted from 1; 0: none) whose loss was not finite.
+    """
+
+    def __init__(self, model, optimizer, scheduler, config, averaged=None):
+        self.model, self.optimizer, self.scheduler, self.averaged = model, optimizer, scheduler, averaged
+        self.label_smoothing = config.label_smoothing
+        self.tally = torch.zeros(5, device=next(model.parameters()).device)
+
+    def __call__(self, images, labels):
+        log_probs = self.model(images)
+        loss = F.cross_entropy(log_probs, labels, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
+        count(self.tally, loss.detach(), log_probs.detach(), labels)
+
+
+def count(tally, loss, log_probs, labels):
+    """Add a batch to ``tally`` (see EagerStep) with tensor ops only, so that a CUDA graph can hold it."""
+    loss_sum, correct, last_loss, first_bad, batches = tally.unbind()
+    batches += 1
+    loss_sum += loss * len(labels)
+    correct += (log_probs.argmax(dim=1) == labels).sum()
+    last_loss.copy_(loss)
+    first_bad.copy_(torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, batches))
+
+
+class StaticStep:
+    """The same step as EagerStep, as fixed tensors and tensor ops only, so that on CUDA it can be
+    captured once in a CUDA graph and replayed for every batch (PyTorch's whole-network capture: the
+    GPU then no longer waits on Python and kernel launches between a step's ~100 small kernels).
+
+    Each batch is copied into a fixed input buffer; the learning rate and the momentum are 0-dim tensors
+    that the one-cycle schedule writes before each step; the SGD update (Nesterov momentum, weight decay) is
+    written out with foreach ops that read it, on the optimizer's own momentum buffers, so that
+    checkpoints are the same as EagerStep's; the tally and the weight average are updated inside.
+    With ``capture`` (CUDA only), one graph per batch size is captured the first time that size comes;
+    without, the same ops run one by one, which is how the CPU tests check it against EagerStep.
+    """
+
+    def __init__(self, model, optimizer, scheduler, config, averaged=None, capture=False):
+        self.model, self.scheduler, self.averaged, self.capture = model, scheduler, averaged, capture
+        self.label_smoothing = config.label_smoothing
+        device = next(model.parameters()).device
+        self.group = optimizer.param_groups[0]  # the scheduler writes its lr and momentum
+        self.weight_decay, self.nesterov = self.group["weight_decay"], self.group["nesterov"]
+        self.uses_momentum = self.group["momentum"] > 0
+        self.params = list(model.parameters())
+        for param in self.params:  # a zero buffer gives torch's first step exactly: 0.9 * 0 + g = g
+            if optimizer.state[param].get("momentum_buffer") is None:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        self.momentum_buffers = [optimizer.state[param]["momentum_buffer"] for param in self.params]
+        # The scheduler warns unless optimizer.step() ran first; here step() below does its work.
+        optimizer._opt_called = True
+        self.lr, self.momentum = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.tally = torch.zeros(5, device=device)
+        self.inputs, self.graphs = {}, {}
+
+    def __call__(self, images, labels):
+        size = len(labels)
+        if size not in self.inputs:
+            self.inputs[size] = (torch.empty_like(images), torch.empty_like(labels))
+        static_images, static_labels = self.inputs[size]
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        self.lr.fill_(self.group["lr"])
+        self.momentum.fill_(self.group["momentum"])
+        if self.capture and size not in self.graphs:
+            self.graphs[size] = self.capture_graph(static_images, static_labels)
+        if self.capture:
+            self.graphs[size].replay()
+        else:
+            self.step(static_images, static_labels)
+        self.scheduler.step()
+
+    def step(self, images, labels):
+        self.model.zero_grad(set_to_none=True)
+        log_probs = self.model(images)
+        loss = F.cross_entropy(log_probs, labels, label_smoothing=self.label_smoothing)
+        loss.backward()
+        with torch.no_grad():
+            grads = [param.grad for param in self.params]
+            if self.weight_decay:
+                torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
+            if self.uses_momentum:
+                torch._foreach_mul_(self.momentum_buffers, self.momentum)
+                torch._foreach_add_(self.momentum_buffers, grads)
+                if self.nesterov:
+                    torch._foreach_add_(grads, torch._foreach_mul(self.momentum_buffers, self.momentum))
+                else:
+                    grads = self.momentum_buffers
+            torch._foreach_add_(self.params, torch._foreach_mul(grads, -self.lr))
+            if self.averaged is not None:
+                self.update_average()
+            count(self.tally, loss.detach(), log_probs.detach(), labels)
+
+    def update_average(self):
+        # AveragedModel.update_parameters without its Python branch on n_averaged, which a graph cannot
+        # hold: average_of() made the first, copying call, so every later call averages.
+        averaged = self.averaged
+        for dtype_is_float in (True, False):
+            mine, theirs = zip(*[(a, b) for a, b in zip(itertools.chain(averaged.module.parameters(),
+                                                                          averaged.module.buffers()),
+                                                         itertools.chain(self.model.parameters(),
+                                                                         self.model.buffers()))
+                                 if a.is_floating_point() == dtype_is_float])
+            averaged.multi_avg_fn(list(mine), list(theirs), averaged.n_averaged)
+        averaged.n_averaged += 1
+
+    def capture_graph(self, images, labels):
+        """Capture one step on these input buffers, following PyTorch's documented whole-network capture:
+        a few warm-up steps on a side stream, then the capture. Both run the step for real, so every
+        tensor they change (weights, statistics, buffers, the tally, the random state) is put back."""
+        device = images.device
+        state = [*self.model.state_dict().values(), *self.momentum_buffers, self.tally]
+        if self.averaged is not None:
+            state += [*self.averaged.state_dict().values()]
+        saved, rng = [tensor.clone() for tensor in state], torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step(images, labels)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.model.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self.step(images, labels)
+        with torch.no_grad():
+            for tensor, before in zip(state, saved):
+                tensor.copy_(before)
+        torch.cuda.set_rng_state(rng, device)
+        return graph
 
 
 @torch.inference_mode()
@@ -401,9 +549,14 @@ def pick_device(name="auto"):
     return device
 
 
-def seed_everything(seed):
-    """Seed torch's CPU and CUDA generators: two CPU runs with one seed then train identically."""
+def seed_everything(seed, device=None, deterministic=True):
+    """Seed torch's CPU and CUDA generators; on CUDA with ``deterministic``, also choose deterministic
+    kernels. Two runs with one seed and the same settings then train identically on one machine."""
     torch.manual_seed(seed)
+    if deterministic and device is not None and torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def prepare_model(model, device):

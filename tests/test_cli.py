@@ -14,7 +14,7 @@ import torchvision
 import train
 from data import make_loaders
 from model import Net
-from utils import NonFiniteLossError, TrainConfig, fit, read_checkpoint
+from utils import NonFiniteLossError, TrainConfig, fit, pick_device, read_checkpoint
 
 CPU = torch.device("cpu")
 DATA_DIR = TrainConfig().data_dir
@@ -33,7 +33,7 @@ def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
     assert code == 0, err
     assert "epoch  1" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["model"] == "Net" and metrics["seed"] == 0 and metrics["device"] == "cpu"
+    assert metrics["model"] == "Net" and metrics["seed"] == 0 and metrics["device"] == str(pick_device("auto"))
     assert metrics["params"] == sum(p.numel() for p in Net().parameters())
     assert len(metrics["epochs"]) == 1
     assert set(metrics["epochs"][0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -76,6 +76,8 @@ def test_limits_and_flags_reach_the_run(tmp_path, capsys):
     (["--lr", "0"], "learning rate must be a positive number, got 0.0"),
     (["--lr", "nan"], "learning rate must be a positive number, got nan"),
     (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact"),
+    (["--step", "jit"], "unknown step 'jit': choose eager, static or graph"),
+    (["--warmup", "1.5"], "warmup must be a fraction in (0, 1), got 1.5"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
     (["--pipeline", "dali"], "unknown pipeline 'dali'"),

@@ -43,7 +43,7 @@ def test_test_loss_is_the_mean_over_all_images_not_over_batches(mnist):
 
 def train_small(seed, **overrides):
     config = TrainConfig(seed=seed, **{**SMALL, **overrides})
-    seed_everything(seed)
+    seed_everything(seed, CPU)
     model = prepare_model(Net(), CPU)
     history = fit(model, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
     return model, history
@@ -208,3 +208,105 @@ def test_a_model_trains_with_its_recipe_unless_told_otherwise():
     assert make_config() == TrainConfig()
     with pytest.raises(ConfigError, match="unknown recipe 'fast': choose one of Net, NetCompact"):
         make_config(recipe="fast")
+
+
+def without_timings(history):
+    return [{key: value for key, value in row.items() if "seconds" not in key} for row in history]
+
+
+@pytest.mark.parametrize("settings", [{}, {"ema": 0.9, "label_smoothing": 0.1}, {"momentum": 0.0},
+                                      {"momentum": 0.5, "weight_decay": 0.0}])
+def test_the_static_step_updates_as_torch_optim_and_one_cycle_do(settings):
+    # A low peak and few steps: rounding differences stay at rounding size (at lr 0.2 a max-pool or ReLU
+    # that flips on one of them makes them grow within 20 steps).
+    config = TrainConfig(**{"lr": 0.02, **settings})
+    torch.manual_seed(0)
+    models = [Net(), Net()]
+    models[1].load_state_dict(models[0].state_dict())
+    steps = []
+    for model, kind in zip(models, (utils.EagerStep, utils.StaticStep)):
+        optimizer, scheduler = make_optimizer(model, config, total_steps=10)
+        averaged = average_of(model, config.ema) if config.ema else None
+        steps.append(kind(model, optimizer, scheduler, config, averaged))
+    images, labels = torch.randn(48, 1, 28, 28), torch.randint(0, 10, (48,))
+    for index in range(10):
+        for step in steps:
+            torch.manual_seed(index)  # the same dropout masks
+            step(images[index % 3 * 16:][:16], labels[index % 3 * 16:][:16])
+    eager, static = (dict(step.model.state_dict()) for step in steps)
+    for name in eager:
+        torch.testing.assert_close(static[name], eager[name], rtol=1e-4, atol=5e-5, msg=name)
+    torch.testing.assert_close(steps[1].tally, steps[0].tally, rtol=1e-5, atol=1e-5)
+    if config.ema:
+        for (name, a), b in zip(steps[0].averaged.state_dict().items(), steps[1].averaged.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_the_static_step_trains_to_the_same_accuracy():
+    _, eager_history = train_small(seed=2, epochs=3, train_limit=3000)
+    _, static_history = train_small(seed=2, epochs=3, train_limit=3000, step="static")
+    assert [row["lr"] for row in static_history] == [row["lr"] for row in eager_history]
+    # Rounding differences grow over hundreds of steps; what stays is how well it trains.
+    assert static_history[-1]["train_loss"] == pytest.approx(eager_history[-1]["train_loss"], rel=0.1)
+    assert abs(static_history[-1]["test_acc"] - eager_history[-1]["test_acc"]) <= 1.5
+    assert static_history[-1]["test_acc"] > 90
+
+
+def test_the_static_step_resumes_exactly(tmp_path):
+    config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.9, "step": "static"})
+    seed_everything(0)
+    whole = prepare_model(Net(), CPU)
+    history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch  2"):
+            raise Stop
+
+    seed_everything(0)
+    with pytest.raises(Stop):
+        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt",
+            progress=False, log=stop_after_epoch_2)
+    seed_everything(0)
+    resumed = prepare_model(Net(), CPU)
+    again = fit(resumed, *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt", resume=True,
+                progress=False, log=lambda line: None)
+    assert without_timings(again) == without_timings(history)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_graph_step_is_refused_off_cuda():
+    config = TrainConfig(**{**SMALL, "step": "graph"})
+    with pytest.raises(ConfigError, match="step 'graph' captures CUDA graphs, and the device is cpu"):
+        fit(Net(), *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def train_on_cuda(seed, **overrides):
+    device = torch.device("cuda")
+    config = TrainConfig(seed=seed, **{**SMALL, "train_limit": 3000, **overrides})
+    seed_everything(seed, device, config.deterministic)
+    model = prepare_model(Net(), device)
+    history = fit(model, *make_loaders(config, device), config, progress=False, log=lambda line: None)
+    return model, history
+
+
+@CUDA
+@pytest.mark.parametrize("step", ["eager", "graph"])
+def test_cuda_runs_with_one_seed_are_identical(step):
+    (first, first_history), (second, second_history) = (train_on_cuda(1, step=step) for _ in range(2))
+    assert without_timings(first_history) == without_timings(second_history)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@CUDA
+def test_the_cuda_graph_trains_as_the_static_step_does():
+    static, static_history = train_on_cuda(2, step="static", ema=0.9)
+    graph, graph_history = train_on_cuda(2, step="graph", ema=0.9)
+    for (name, a), b in zip(static.state_dict().items(), graph.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    for row, again in zip(static_history, graph_history):
+        assert again["train_loss"] == pytest.approx(row["train_loss"], rel=1e-3)

@@ -8,7 +8,8 @@ Each arm runs in a fresh process of its own, the two alternating for a few round
              SGD lr 0.01 momentum 0.9, default memory allocator;
   ours       the default of train.py: Net, the whole dataset on the device, batched augmentation.
 Training time is the median over timed chunks of batches after a warm-up, scaled to a 60,000-image epoch
-(the chunk size is printed); the test pass is the median of full 10,000-image passes. The figures shown
+(the chunk size is printed), plus the time an epoch takes to start (ours warps the whole epoch then; the
+reference starts its workers); the test pass is the median of full 10,000-image passes. The figures shown
 are medians over the rounds, and the ratio is the median of the rounds' ratios.
 """
 
@@ -29,7 +30,17 @@ from torchvision.datasets import MNIST
 
 from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
 from model import MODELS
-from utils import TrainConfig, evaluate, keep_freed_memory, pick_device, prepare_model
+from utils import (
+    ConfigError,
+    TrainConfig,
+    evaluate,
+    keep_freed_memory,
+    make_optimizer,
+    make_step,
+    pick_device,
+    prepare_model,
+    seed_everything,
+)
 
 TRAIN_IMAGES = 60_000
 MEDIAN_KEYS = ("epoch_seconds", "images_per_second", "test_seconds", "peak_memory_mb")
@@ -89,7 +100,7 @@ def reference_loaders(config, device):
             DeviceDataLoader(MNIST(config.data_dir, train=False, transform=plain), 128, device, train=False))
 
 
-def time_training(model, loader, optimizer, device, chunk, chunks):
+def time_training(model, loader, step, device, chunk, chunks):
     """Seconds per batch: median over ``chunks`` timed runs of ``chunk`` batches, after a warm-up."""
     model.train()
     batches = iter(())
@@ -103,14 +114,24 @@ def time_training(model, loader, optimizer, device, chunk, chunks):
             except StopIteration:
                 batches = iter(loader)
                 images, labels = next(batches)
-            loss = F.nll_loss(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(images, labels)
         synchronize(device)
         if timed:
             timings.append((time.perf_counter() - started) / chunk)
     return statistics.median(timings), timings
+
+
+def time_epoch_start(loader, device, repeats=3):
+    """Seconds from asking for an epoch to its first batch: ours shuffles and warps the whole epoch
+    then, the reference starts its worker processes. The median of ``repeats``."""
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        next(iter(loader))
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
 
 
 def time_test_pass(model, loader, device, repeats=3):
@@ -127,28 +148,39 @@ def time_test_pass(model, loader, device, repeats=3):
 def run_arm(arm, config, chunk, chunks):
     """Time one arm in this process; returns its figures."""
     device = pick_device(config.device)
-    torch.manual_seed(0)
+    seed_everything(0, device)
     if arm == "reference":
         model = ReferenceNet().to(device)
         train_loader, test_loader = reference_loaders(config, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(images, labels):
+            loss = F.nll_loss(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
         batch_size = 128
     else:
         if device.type == "cpu":
             keep_freed_memory()
         model = prepare_model(MODELS[config.model](), device)
         train_loader, test_loader = make_loaders(config, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        # The training step of train.py (--step eager, static or graph), under a schedule long enough
+        # for every timed batch.
+        optimizer, scheduler = make_optimizer(model, config, total_steps=100_000)
+        step = make_step(model, optimizer, scheduler, config)
         batch_size = config.batch_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_batch, timings = time_training(model, train_loader, optimizer, device, chunk, chunks)
-    epoch_seconds = per_batch * TRAIN_IMAGES / batch_size
+    per_batch, timings = time_training(model, train_loader, step, device, chunk, chunks)
+    epoch_start = time_epoch_start(train_loader, device)
+    epoch_seconds = epoch_start + per_batch * TRAIN_IMAGES / batch_size
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"arm": arm, "model": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
             "macs": count_macs(model), "batch_size": batch_size, "device": str(device),
-            "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds,
+            "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds, "epoch_start_seconds": epoch_start,
             "chunk_epoch_seconds": [t * TRAIN_IMAGES / batch_size for t in timings],
             "images_per_second": batch_size / per_batch, "test_seconds": time_test_pass(model, test_loader, device),
             "peak_memory_mb": peak / 2**20, "threads": torch.get_num_threads()}
@@ -159,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=TrainConfig().data_dir)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default="Net", choices=list(MODELS))
+    parser.add_argument("--step", default=TrainConfig().step, help="our training step: eager, static or graph "
+                        "(as train.py --step)")
     parser.add_argument("--images", type=int, default=10_000,
                         help="training images per timed chunk (default: 10000, a sixth of an epoch)")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks per arm; the median counts")
@@ -169,7 +203,10 @@ def main(argv=None):
     for name in ("images", "chunks", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    config = TrainConfig(data_dir=args.data_dir, device=args.device, model=args.model)
+    try:
+        config = TrainConfig(data_dir=args.data_dir, device=args.device, model=args.model, step=args.step)
+    except ConfigError as error:
+        parser.error(str(error))
     if args.arm:
         print(json.dumps(run_arm(args.arm, config, max(1, args.images // (128 if args.arm == "reference"
                                                                        else config.batch_size)), args.chunks)))

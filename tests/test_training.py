@@ -206,7 +206,8 @@ def test_a_model_trains_with_its_recipe_unless_told_otherwise():
     assert make_config(model="NetCompact").ema == RECIPES["NetCompact"]["ema"]
     assert make_config(model="NetCompact", epochs=3).epochs == 3
     assert make_config() == TrainConfig()
-    with pytest.raises(ConfigError, match="unknown recipe 'fast': choose one of Net, NetCompact"):
+    assert make_config(recipe="speedrun").epochs == RECIPES["speedrun"]["epochs"]
+    with pytest.raises(ConfigError, match="unknown recipe 'fast': choose one of Net, NetCompact, speedrun"):
         make_config(recipe="fast")
 
 

@@ -75,7 +75,7 @@ def test_limits_and_flags_reach_the_run(tmp_path, capsys):
     (["--batch-size", "-8"], "batch size must be at least 1, got -8"),
     (["--lr", "0"], "learning rate must be a positive number, got 0.0"),
     (["--lr", "nan"], "learning rate must be a positive number, got nan"),
-    (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact"),
+    (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact, NetTiny"),
     (["--step", "jit"], "unknown step 'jit': choose eager, static or graph"),
     (["--warmup", "1.5"], "warmup must be a fraction in (0, 1), got 1.5"),
     (["--device", "tpu"], "unknown device 'tpu'"),
@@ -212,3 +212,14 @@ def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
     assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())
     assert "mean" in out
 
+
+
+def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
+    snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert 'torch.load("runs/net/model.pt")' in snippet and 'load_mnist("./data"' in snippet
+    assert cli(capsys, "--dry-run", "--quiet", "--out", tmp_path / "runs" / "net")[0] == 0
+    (tmp_path / "data").symlink_to(Path(DATA_DIR).resolve())
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert 0 <= float(result.stdout.strip().removeprefix("tensor(").removesuffix(")")) <= 1

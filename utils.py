@@ -103,8 +103,9 @@ RECIPES = {
     "Net": {"model": "Net"},
     "NetCompact": {"model": "NetCompact", "epochs": 15, "ema": 0.99},
     "NetTiny": {"model": "NetTiny", "epochs": 20, "ema": 0.99},
-    # The least training time to >= 99.4% on every seed: Net, one-cycle over 6 epochs.
-    "speedrun": {"model": "Net", "epochs": 6},
+    # The least training time to >= 99.4% on every seed of those measured: Net, one-cycle over 8 epochs
+    # (over 6, seed 0 ended at 99.34%).
+    "speedrun": {"model": "Net", "epochs": 8},
 }
 
 

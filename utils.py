@@ -103,9 +103,9 @@ RECIPES = {
     "Net": {"model": "Net"},
     "NetCompact": {"model": "NetCompact", "epochs": 15, "ema": 0.99},
     "NetTiny": {"model": "NetTiny", "epochs": 20, "ema": 0.99},
-    # The least training time to >= 99.4% on every seed of those measured: Net, one-cycle over 8 epochs
-    # (over 6, seed 0 ended at 99.34%).
-    "speedrun": {"model": "Net", "epochs": 8},
+    # The least training time to >= 99.4% on every seed of those measured: Net, one-cycle over 10 epochs
+    # (over 6 epochs seed 0 ended at 99.34%, over 8 seed 2 at 99.38%).
+    "speedrun": {"model": "Net", "epochs": 10},
 }
 
 

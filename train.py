@@ -71,7 +71,7 @@ def main(argv=None):
                            progress=progress)
                 for seed in parse_seeds(seeds)]
         summary = summarise_seeds(runs)
-        atomic_write(out / "seeds.json", lambda file: file.write(json.dumps(summary, indent=1).encode()))
+        write_json(out / "seeds.json", summary)
         print(f"final test accuracy over seeds {seeds}: mean {summary['mean']:.3f}%  "
               f"std {summary['std']:.3f}  min {summary['min']:.2f}%  max {summary['max']:.2f}%")
         return 0
@@ -99,7 +99,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
             given = settings_for(out, given, resume=resume, overwrite=overwrite)
         config = make_config(**given)
         if out is not None:
-            atomic_write(out / "config.json", lambda file: file.write(json.dumps(asdict(config), indent=1).encode()))
+            write_json(out / "config.json", asdict(config))
         device = pick_device(config.device)
         if device.type == "cpu":
             keep_freed_memory()
@@ -115,7 +115,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
         metrics = {"model": config.model, "params": params, "seed": config.seed, "device": str(device),
                    "config": asdict(config), "runtime": runtime_info(device), "epochs": history}
         if out is not None:
-            atomic_write(out / "metrics.json", lambda file: file.write(json.dumps(metrics, indent=1).encode()))
+            write_json(out / "metrics.json", metrics)
             atomic_write(out / "model.pt", lambda file: torch.save(model.state_dict(), file))
         return metrics
     finally:
@@ -178,6 +178,10 @@ def settings_for(out, given, *, resume, overwrite):
         raise ConfigError(f"the run in {out} was made with other settings ({'; '.join(changed)}): resume "
                           "with the same settings, or choose another --out")
     return settings
+
+
+def write_json(path, data):
+    atomic_write(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
 
 
 def read_json(path):

@@ -318,6 +318,12 @@ class StaticStep:
         self.lr, self.momentum = torch.zeros((), device=device), torch.zeros((), device=device)
         self.tally = torch.zeros(5, device=device)
         self.inputs, self.graphs = {}, {}
+        if averaged is not None:  # (average's tensors, model's tensors), floating and integer apart
+            pairs = list(zip(itertools.chain(averaged.module.parameters(), averaged.module.buffers()),
+                             itertools.chain(model.parameters(), model.buffers())))
+            self.average_pairs = [[list(group) for group in zip(*[pair for pair in pairs
+                                                                  if pair[0].is_floating_point() == floating])]
+                                  for floating in (True, False)]
 
     def __call__(self, images, labels):
         size = len(labels)
@@ -360,15 +366,9 @@ class StaticStep:
     def update_average(self):
         # AveragedModel.update_parameters without its Python branch on n_averaged, which a graph cannot
         # hold: average_of() made the first, copying call, so every later call averages.
-        averaged = self.averaged
-        for dtype_is_float in (True, False):
-            mine, theirs = zip(*[(a, b) for a, b in zip(itertools.chain(averaged.module.parameters(),
-                                                                          averaged.module.buffers()),
-                                                         itertools.chain(self.model.parameters(),
-                                                                         self.model.buffers()))
-                                 if a.is_floating_point() == dtype_is_float])
-            averaged.multi_avg_fn(list(mine), list(theirs), averaged.n_averaged)
-        averaged.n_averaged += 1
+        for mine, theirs in self.average_pairs:
+            self.averaged.multi_avg_fn(mine, theirs, self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
 
     def capture_graph(self, images, labels):
         """Capture one step on these input buffers, following PyTorch's documented whole-network capture:

@@ -6,7 +6,8 @@ Each arm runs in a fresh process of its own, the two alternating for a few round
   reference  the seed-style setup: a 15,662-parameter CNN (conv 1-8-16-32 at 28x28, max-pool, conv 32-32,
              1x1 to 10, GAP), torchvision DataLoader (2 workers) with per-image RandomRotation(7), batch 128,
              SGD lr 0.01 momentum 0.9, default memory allocator;
-  ours       the default of train.py: Net, the whole dataset on the device, batched augmentation.
+  ours       train.py's step for the model's recipe (Net by default): the whole dataset on the device,
+             batched augmentation.
 Training time is the median over timed chunks of batches after a warm-up, scaled to a 60,000-image epoch
 (the chunk size is printed), plus the time an epoch takes to start (ours warps the whole epoch then; the
 reference starts its workers); the test pass is the median of full 10,000-image passes. The figures shown
@@ -33,8 +34,10 @@ from model import MODELS
 from utils import (
     ConfigError,
     TrainConfig,
+    average_of,
     evaluate,
     keep_freed_memory,
+    make_config,
     make_optimizer,
     make_step,
     pick_device,
@@ -169,7 +172,8 @@ def run_arm(arm, config, chunk, chunks):
         # The training step of train.py (--step eager, static or graph), under a schedule long enough
         # for every timed batch.
         optimizer, scheduler = make_optimizer(model, config, total_steps=100_000)
-        step = make_step(model, optimizer, scheduler, config)
+        averaged = average_of(model, config.ema) if config.ema else None
+        step = make_step(model, optimizer, scheduler, config, averaged)
         batch_size = config.batch_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,7 +208,7 @@ def main(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     try:
-        config = TrainConfig(data_dir=args.data_dir, device=args.device, model=args.model, step=args.step)
+        config = make_config(data_dir=args.data_dir, device=args.device, model=args.model, step=args.step)
     except ConfigError as error:
         parser.error(str(error))
     if args.arm:

@@ -161,6 +161,12 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     epochs = 1 if config.dry_run else config.epochs
     optimizer, scheduler = make_optimizer(model, config, epochs * batches)
     averaged = average_of(model, config.ema) if config.ema else None
+    # The average starts at the initial weights and forgets them slowly: in a short run (a dry run, one
+    # epoch of a few images) it would test far worse than the model, which looks like a broken run.
+    if averaged is not None and (share := config.ema ** (epochs * batches)) > 0.01:
+        log(f"note: after {epochs * batches} steps the weight average (--ema {config.ema:g}) still holds "
+            f"{share:.0%} of the initial weights, so it tests worse than the model; pass --ema 0 for runs "
+            "this short")
     tested = model if averaged is None else averaged.module
     history = []
     if resume and checkpoint is not None and Path(checkpoint).exists():

@@ -141,6 +141,18 @@ def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
     assert not torch.equal(raw.features[0].weight, whole.features[0].weight)
 
 
+def test_a_run_too_short_for_its_weight_average_says_so():
+    notes = []
+    for decay in (0.99, 0.5):
+        config = TrainConfig(**{**SMALL, "ema": decay})  # 2 epochs of 10 batches: 20 steps
+        lines = []
+        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, progress=False, log=lines.append)
+        notes.append([line for line in lines if line.startswith("note:")])
+    # 0.99 ** 20 = 0.82 of the initial weights left; 0.5 ** 20, none to speak of.
+    assert len(notes[0]) == 1 and "still holds 82% of the initial weights" in notes[0][0]
+    assert "--ema 0" in notes[0][0] and notes[1] == []
+
+
 def test_progress_bars_end_complete_on_the_last_batch(monkeypatch):
     bars = []
 

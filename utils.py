@@ -159,12 +159,13 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     """
     batches = 2 if config.dry_run else len(train_loader)
     epochs = 1 if config.dry_run else config.epochs
-    optimizer, scheduler = make_optimizer(model, config, epochs * batches)
+    steps = epochs * batches
+    optimizer, scheduler = make_optimizer(model, config, steps)
     averaged = average_of(model, config.ema) if config.ema else None
     # The average starts at the initial weights and forgets them slowly: in a short run (a dry run, one
     # epoch of a few images) it would test far worse than the model, which looks like a broken run.
-    if averaged is not None and (share := config.ema ** (epochs * batches)) > 0.01:
-        log(f"note: after {epochs * batches} steps the weight average (--ema {config.ema:g}) still holds "
+    if averaged is not None and (share := config.ema ** steps) > 0.01:
+        log(f"note: after {steps} steps the weight average (--ema {config.ema:g}) still holds "
             f"{share:.0%} of the initial weights, so it tests worse than the model; pass --ema 0 for runs "
             "this short")
     tested = model if averaged is None else averaged.module
@@ -330,9 +331,9 @@ class StaticStep:
         if averaged is not None:  # (average's tensors, model's tensors), floating and integer apart
             pairs = list(zip(itertools.chain(averaged.module.parameters(), averaged.module.buffers()),
                              itertools.chain(model.parameters(), model.buffers())))
-            self.average_pairs = [[list(group) for group in zip(*[pair for pair in pairs
-                                                                  if pair[0].is_floating_point() == floating])]
-                                  for floating in (True, False)]
+            groups = ([pair for pair in pairs if pair[0].is_floating_point() == floating]
+                      for floating in (True, False))
+            self.average_pairs = [tuple(map(list, zip(*group))) for group in groups if group]
 
     def __call__(self, images, labels):
         size = len(labels)

@@ -38,14 +38,15 @@ def test_built_from_conv_batchnorm_dropout_and_global_average_pooling(name):
     assert (convs[-1].in_channels, convs[-1].out_channels) == (convs[-2].out_channels, 10)
 
 
-@pytest.mark.parametrize("cls", [NetCompact, NetTiny])
-def test_the_small_models_are_depthwise_separable_after_their_first_convolution(cls):
+@pytest.mark.parametrize("cls, full", [(NetCompact, 1), (NetTiny, 2)])
+def test_the_small_models_are_depthwise_separable_after_their_full_convolutions(cls, full):
     convs = [module for module in cls().modules() if isinstance(module, nn.Conv2d)][:-1]  # less the head
-    assert convs[0].kernel_size == (3, 3) and convs[0].groups == 1
-    for depthwise, pointwise in zip(convs[1::2], convs[2::2]):
+    assert all(conv.kernel_size == (3, 3) and conv.groups == 1 for conv in convs[:full])
+    separable = convs[full:]
+    assert separable and len(separable) % 2 == 0
+    for depthwise, pointwise in zip(separable[::2], separable[1::2]):
         assert depthwise.kernel_size == (3, 3) and depthwise.groups == depthwise.in_channels > 1
         assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
-    assert len(convs) % 2 == 1
     assert all(conv.groups == 1 for conv in Net().modules() if isinstance(conv, nn.Conv2d))
 
 

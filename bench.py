@@ -172,7 +172,7 @@ def run_arm(arm, config, chunk, chunks):
         # The training step of train.py (--step eager, static or graph), under a schedule long enough
         # for every timed batch.
         optimizer, scheduler = make_optimizer(model, config, total_steps=100_000)
-        averaged = average_of(model, config.ema) if config.ema else None
+        averaged = average_of(model, config.ema)
         step = make_step(model, optimizer, scheduler, config, averaged)
         batch_size = config.batch_size
     if device.type == "cuda":

@@ -161,7 +161,7 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     epochs = 1 if config.dry_run else config.epochs
     steps = epochs * batches
     optimizer, scheduler = make_optimizer(model, config, steps)
-    averaged = average_of(model, config.ema) if config.ema else None
+    averaged = average_of(model, config.ema)
     # The average starts at the initial weights and forgets them slowly: in a short run (a dry run, one
     # epoch of a few images) it would test far worse than the model, which looks like a broken run.
     if averaged is not None and (share := config.ema ** steps) > 0.01:
@@ -233,8 +233,10 @@ def make_step(model, optimizer, scheduler, config, averaged=None):
 
 def average_of(model, decay):
     """An exponential moving average of ``model``'s weights and BatchNorm statistics, starting from its
-    current weights. Late in training the raw weights still jump from batch to batch; their average does
-    not, so it is the better model to test and keep."""
+    current weights (None for a decay of 0: no average). Late in training the raw weights still jump from
+    batch to batch; their average does not, so it is the better model to test and keep."""
+    if not decay:
+        return None
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     averaged.update_parameters(model)  # the first call copies: the average starts at the initial weights
     return averaged

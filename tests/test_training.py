@@ -241,7 +241,7 @@ def test_the_static_step_updates_as_torch_optim_and_one_cycle_do(settings):
     steps = []
     for model, kind in zip(models, (utils.EagerStep, utils.StaticStep)):
         optimizer, scheduler = make_optimizer(model, config, total_steps=10)
-        averaged = average_of(model, config.ema) if config.ema else None
+        averaged = average_of(model, config.ema)
         steps.append(kind(model, optimizer, scheduler, config, averaged))
     images, labels = torch.randn(48, 1, 28, 28), torch.randint(0, 10, (48,))
     for index in range(10):

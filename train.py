@@ -112,8 +112,10 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
         checkpoint = None if out is None else out / "checkpoint.pt"
         history = fit(model, train_loader, test_loader, config, checkpoint=checkpoint, resume=resume,
                       progress=progress)
-        metrics = {"model": config.model, "params": params, "seed": config.seed, "device": str(device),
-                   "config": asdict(config), "runtime": runtime_info(device), "epochs": history}
+        # The layers as printed, so that a run says what it trained even when model.py has changed since.
+        metrics = {"model": config.model, "params": params, "layers": repr(model), "seed": config.seed,
+                   "device": str(device), "config": asdict(config), "runtime": runtime_info(device),
+                   "epochs": history}
         if out is not None:
             write_json(out / "metrics.json", metrics)
             atomic_write(out / "model.pt", lambda file: torch.save(model.state_dict(), file))

@@ -35,6 +35,7 @@ def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model"] == "Net" and metrics["seed"] == 0 and metrics["device"] == str(pick_device("auto"))
     assert metrics["params"] == sum(p.numel() for p in Net().parameters())
+    assert metrics["layers"] == repr(Net())
     assert len(metrics["epochs"]) == 1
     assert set(metrics["epochs"][0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                                          "seconds"}

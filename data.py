@@ -63,6 +63,13 @@ class TensorLoader:
             if self.rotate or self.shift or self.scale:
                 thetas = random_affine(len(labels), self.rotate, self.shift, self.generator, self.scale)
                 images = affine_transform(images, thetas.to(labels.device))
+        yield from self.batches(images, labels)
+
+    def unaugmented(self):
+        """The split's batches in order, without augmentation."""
+        return self.batches(self.images, self.labels)
+
+    def batches(self, images, labels):
         images = normalise(images)
         for start in range(0, len(labels), self.batch_size):
             yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
@@ -101,29 +108,43 @@ def torchvision_loader(config, device, train, limit):
     from torchvision import transforms
 
     steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    plain = torch.utils.data.Subset(
+        torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps)), range(limit))
+    dataset = plain
     if train and (config.rotate or config.shift or config.scale):
-        steps.insert(0, transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
-                                                scale=(1 - config.scale, 1 + config.scale)))
-    dataset = torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps))
-    dataset = torch.utils.data.Subset(dataset, range(limit))
-    return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed)
+        affine = transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
+                                         scale=(1 - config.scale, 1 + config.scale))
+        dataset = torch.utils.data.Subset(torchvision.datasets.MNIST(
+            config.data_dir, train=train, transform=transforms.Compose([affine, *steps])), range(limit))
+    return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed, plain=plain)
 
 
 class DeviceDataLoader:
     """torchvision's DataLoader, moving each batch to the device."""
 
-    def __init__(self, dataset, batch_size, device, *, train, seed=0, workers=2):
+    def __init__(self, dataset, batch_size, device, *, train, seed=0, workers=2, plain=None):
+        """``plain``: the same images without augmentation, for ``unaugmented()`` (default: ``dataset``)."""
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=train, generator=self.generator,
             num_workers=workers, pin_memory=device.type == "cuda")
+        self.plain_loader = torch.utils.data.DataLoader(
+            dataset if plain is None else plain, batch_size=batch_size, num_workers=workers,
+            pin_memory=device.type == "cuda")
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
+        return self.to_device(self.loader)
+
+    def unaugmented(self):
+        """The split's batches in order, without augmentation."""
+        return self.to_device(self.plain_loader)
+
+    def to_device(self, loader):
+        for images, labels in loader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 

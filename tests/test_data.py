@@ -96,6 +96,21 @@ def test_both_pipelines_yield_the_same_kind_of_batches(train):
         torch.testing.assert_close(x_fast, x_ref)
 
 
+def test_unaugmented_training_batches_are_the_split_in_order_in_both_pipelines(mnist):
+    images, labels = mnist["train"][0][:600], mnist["train"][1][:600]
+    expected = (images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD
+    for pipeline in ("tensor", "torchvision"):
+        config = TrainConfig(train_limit=600, test_limit=100, batch_size=256, rotate=10, shift=2, scale=0.1,
+                             pipeline=pipeline)
+        train_loader = make_loaders(config, CPU)[0]
+        batches = list(train_loader.unaugmented())
+        assert [len(y) for _, y in batches] == [256, 256, 88], pipeline
+        torch.testing.assert_close(torch.cat([x for x, _ in batches]), expected)
+        assert torch.equal(torch.cat([y for _, y in batches]), labels), pipeline
+        # The loader itself still shuffles and warps.
+        assert not torch.equal(torch.cat([y for _, y in train_loader]), labels), pipeline
+
+
 @pytest.fixture
 def raw_copy(tmp_path):
     """A data folder holding links to the genuine files, one of which a test may replace."""

@@ -141,6 +141,33 @@ def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
     assert not torch.equal(raw.features[0].weight, whole.features[0].weight)
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_clean_bn_re_estimates_batchnorm_statistics_on_the_unaugmented_images(mnist, ema):
+    clean = (mnist["train"][0][:1000].unsqueeze(1).float() / 255 - 0.1307) / 0.3081
+    first_bn_means = {}
+    for clean_bn in (False, True):
+        config = TrainConfig(**{**SMALL, "epochs": 1, "ema": ema, "clean_bn": clean_bn, "rotate": 10.0,
+                                "shift": 2.0, "scale": 0.1})
+        seed_everything(0)
+        model = prepare_model(Net(), CPU)
+        train_loader, test_loader = make_loaders(config, CPU)
+        lines = []
+        history = fit(model, train_loader, test_loader, config, progress=False, log=lines.append)
+        assert evaluate(model, test_loader)["acc"] == history[-1]["test_acc"]
+        assert ("test_acc_before_clean_bn" in history[-1]) == clean_bn
+        assert any(line.startswith("BatchNorm statistics re-estimated") for line in lines) == clean_bn
+        with torch.no_grad():
+            first_conv = model.features[0](clean)
+        first_bn_means[clean_bn] = (model.features[1].running_mean, first_conv.mean(dim=(0, 2, 3)))
+        if clean_bn:
+            # Ten batches of 100: the mean of their variances, close to the variance over all 1,000.
+            torch.testing.assert_close(model.features[1].running_var, first_conv.var(dim=(0, 2, 3)), rtol=0.02,
+                                       atol=0)
+    torch.testing.assert_close(*first_bn_means[True])
+    # Without it the statistics are a running average over the augmented batches, and differ.
+    assert not torch.allclose(*first_bn_means[False], rtol=1e-3, atol=1e-4)
+
+
 def test_a_run_too_short_for_its_weight_average_says_so():
     notes = []
     for decay in (0.99, 0.5):

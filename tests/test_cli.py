@@ -141,6 +141,7 @@ def without_timings(history):
     return [{key: value for key, value in row.items() if "seconds" not in key} for row in history]
 
 
+@pytest.mark.slow  # two real runs of three epochs: about 18 s
 def test_run_killed_at_any_moment_resumes_to_identical_weights_and_history(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, "--epochs", "3", "--seed", "3",
             "--train-limit", "8000", "--test-limit", "1000", "--quiet"]

@@ -168,6 +168,31 @@ def test_clean_bn_re_estimates_batchnorm_statistics_on_the_unaugmented_images(mn
     assert not torch.allclose(*first_bn_means[False], rtol=1e-3, atol=1e-4)
 
 
+def test_a_run_with_clean_bn_resumed_after_an_interruption_ends_the_same(tmp_path):
+    config = TrainConfig(**{**SMALL, "ema": 0.9, "clean_bn": True, "rotate": 10.0, "shift": 2.0, "scale": 0.1})
+    seed_everything(0)
+    whole = prepare_model(Net(), CPU)
+    history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch  1"):
+            raise Stop  # epoch 1's checkpoint is on disk; the re-estimate comes after epoch 2
+
+    seed_everything(0)
+    with pytest.raises(Stop):
+        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt",
+            progress=False, log=stop_after_epoch_1)
+    seed_everything(0)
+    resumed = prepare_model(Net(), CPU)
+    resumed_history = fit(resumed, *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt", resume=True,
+                          progress=False, log=lambda line: None)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
+    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in resumed_history]
+    assert "test_acc_before_clean_bn" in resumed_history[-1]
+
+
 def test_a_run_too_short_for_its_weight_average_says_so():
     notes = []
     for decay in (0.99, 0.5):

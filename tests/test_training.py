@@ -108,31 +108,42 @@ class Stop(Exception):
     pass
 
 
-def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
-    config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.9})
+def straight_and_resumed(config, tmp_path, stop_after_epoch):
+    """(model, history) of a run of ``config`` straight through, and of the same run stopped once epoch
+    ``stop_after_epoch`` is checkpointed (its line is logged after the save), then resumed."""
     seed_everything(0)
     whole = prepare_model(Net(), CPU)
     history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
-    # The returned model holds the averaged weights, the ones whose test accuracy the history reports.
-    assert evaluate(whole, make_loaders(config, CPU)[1])["acc"] == history[-1]["test_acc"]
 
-    def stop_in_epoch_2(line):
-        if line.startswith("epoch  2"):
-            raise Stop  # before epoch 2's checkpoint: the one on disk is epoch 1's
+    def stop(line):
+        if line.startswith(f"epoch {stop_after_epoch:2d}"):
+            raise Stop
 
-    checkpoint = tmp_path / "checkpoint.pt"
     seed_everything(0)
     with pytest.raises(Stop):
-        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=checkpoint,
-            progress=False, log=stop_in_epoch_2)
+        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt",
+            progress=False, log=stop)
     seed_everything(0)
     resumed = prepare_model(Net(), CPU)
-    resumed_history = fit(resumed, *make_loaders(config, CPU), config, checkpoint=checkpoint, resume=True,
+    resumed_history = fit(resumed, *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt", resume=True,
                           progress=False, log=lambda line: None)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    return (whole, history), (resumed, resumed_history)
+
+
+def assert_same_run(first, second):
+    (first_model, first_history), (second_model, second_history) = first, second
+    for (name, a), b in zip(first_model.state_dict().items(), second_model.state_dict().values()):
         assert torch.equal(a, b), name
-    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
-    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in resumed_history]
+    assert without_timings(first_history) == without_timings(second_history)
+
+
+def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
+    config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.9})
+    straight, resumed = straight_and_resumed(config, tmp_path, stop_after_epoch=2)
+    whole, history = straight
+    # The returned model holds the averaged weights, the ones whose test accuracy the history reports.
+    assert evaluate(whole, make_loaders(config, CPU)[1])["acc"] == history[-1]["test_acc"]
+    assert_same_run(straight, resumed)
 
     seed_everything(0)
     raw = prepare_model(Net(), CPU)
@@ -170,27 +181,10 @@ def test_clean_bn_re_estimates_batchnorm_statistics_on_the_unaugmented_images(mn
 
 def test_a_run_with_clean_bn_resumed_after_an_interruption_ends_the_same(tmp_path):
     config = TrainConfig(**{**SMALL, "ema": 0.9, "clean_bn": True, "rotate": 10.0, "shift": 2.0, "scale": 0.1})
-    seed_everything(0)
-    whole = prepare_model(Net(), CPU)
-    history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
-
-    def stop_after_epoch_1(line):
-        if line.startswith("epoch  1"):
-            raise Stop  # epoch 1's checkpoint is on disk; the re-estimate comes after epoch 2
-
-    seed_everything(0)
-    with pytest.raises(Stop):
-        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt",
-            progress=False, log=stop_after_epoch_1)
-    seed_everything(0)
-    resumed = prepare_model(Net(), CPU)
-    resumed_history = fit(resumed, *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt", resume=True,
-                          progress=False, log=lambda line: None)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    strip = [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
-    assert strip == [{k: v for k, v in row.items() if "seconds" not in k} for row in resumed_history]
-    assert "test_acc_before_clean_bn" in resumed_history[-1]
+    # Stopped after epoch 1 of 2: the resumed run does the last epoch and the re-estimate.
+    straight, resumed = straight_and_resumed(config, tmp_path, stop_after_epoch=1)
+    assert_same_run(straight, resumed)
+    assert "test_acc_before_clean_bn" in resumed[1][-1]
 
 
 def test_a_run_too_short_for_its_weight_average_says_so():
@@ -321,25 +315,7 @@ def test_the_static_step_trains_to_the_same_accuracy():
 
 def test_the_static_step_resumes_exactly(tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.9, "step": "static"})
-    seed_everything(0)
-    whole = prepare_model(Net(), CPU)
-    history = fit(whole, *make_loaders(config, CPU), config, progress=False, log=lambda line: None)
-
-    def stop_after_epoch_2(line):
-        if line.startswith("epoch  2"):
-            raise Stop
-
-    seed_everything(0)
-    with pytest.raises(Stop):
-        fit(prepare_model(Net(), CPU), *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt",
-            progress=False, log=stop_after_epoch_2)
-    seed_everything(0)
-    resumed = prepare_model(Net(), CPU)
-    again = fit(resumed, *make_loaders(config, CPU), config, checkpoint=tmp_path / "c.pt", resume=True,
-                progress=False, log=lambda line: None)
-    assert without_timings(again) == without_timings(history)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_run(*straight_and_resumed(config, tmp_path, stop_after_epoch=2))
 
 
 def test_the_graph_step_is_refused_off_cuda():

@@ -214,8 +214,11 @@ def parse_args(argv):
         if spec.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=spec.metadata["help"])
         else:
-            parser.add_argument(flag, type=spec.type, metavar=spec.name.split("_")[-1].upper(),
-                                help=f"{spec.metadata['help']} (default: {default_setting(spec.name)})")
+            # A help that explains its own default (--data-dir's) is not given a second one.
+            text = spec.metadata["help"]
+            if "(default:" not in text:
+                text += f" (default: {default_setting(spec.name)})"
+            parser.add_argument(flag, type=spec.type, metavar=spec.name.split("_")[-1].upper(), help=text)
     parser.add_argument("--out", type=Path, help="folder for config.json, checkpoint.pt, metrics.json, model.pt")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

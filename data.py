@@ -30,7 +30,7 @@ def make_loaders(config, device):
         if config.pipeline == "tensor":
             loaders.append(TensorLoader(images[:limit], labels[:limit], config.batch_size, device, train=train,
                                         rotate=config.rotate, shift=config.shift, scale=config.scale,
-                                        elastic=config.elastic, seed=config.seed))
+                                        seed=config.seed))
         else:
             loaders.append(torchvision_loader(config, device, train, limit))
     return tuple(loaders)
@@ -44,12 +44,11 @@ class TensorLoader:
     """A whole split kept as one tensor on the device. Each epoch shuffles it with a seeded generator
     and warps all its training images at once with affine_grid + grid_sample; the batches are views."""
 
-    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, elastic=0.0,
-                 seed=0):
+    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, seed=0):
         self.images = images.to(device).unsqueeze(1).float().div_(255)
         self.labels = labels.to(device)
         self.batch_size, self.train = batch_size, train
-        self.rotate, self.shift, self.scale, self.elastic = rotate, shift, scale, elastic
+        self.rotate, self.shift, self.scale = rotate, shift, scale
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -61,12 +60,9 @@ class TensorLoader:
             # One draw, one host-to-device copy and one warp per epoch instead of one per batch.
             order = torch.randperm(len(labels), generator=self.generator).to(labels.device)
             images, labels = images[order], labels[order]
-            if self.rotate or self.shift or self.scale or self.elastic:
+            if self.rotate or self.shift or self.scale:
                 thetas = random_affine(len(labels), self.rotate, self.shift, self.generator, self.scale)
-                # Drawn after the angles, and only when asked for, so runs without it draw as before.
-                fields = random_displacement(len(labels), self.elastic, self.generator) if self.elastic else None
-                images = affine_transform(images, thetas.to(labels.device),
-                                          None if fields is None else fields.to(labels.device))
+                images = affine_transform(images, thetas.to(labels.device))
         yield from self.batches(images, labels)
 
     def unaugmented(self):
@@ -98,22 +94,9 @@ def random_affine(count, rotate, shift, generator, scale=0.0):
                         torch.stack([sin, cos, offsets[:, 1]], 1)], 1)
 
 
-def random_displacement(count, magnitude, generator, knots=5):
-    """``count`` smooth random displacement fields (count, 28, 28, 2) in affine_grid's coordinates: each
-    of ``knots`` x ``knots`` evenly spaced control points moves by up to ``magnitude`` pixels along each
-    axis, uniformly, and the pixels between follow by bicubic interpolation. Elastic distortion in
-    the manner of Simard et al. (2003), from a coarse grid rather than by blurring per-pixel noise:
-    the same kind of smooth warp at a fraction of the work."""
-    coarse = (torch.rand(count, 2, knots, knots, generator=generator) * 2 - 1) * (2 * magnitude / 28)
-    return F.interpolate(coarse, size=(28, 28), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-
-
-def affine_transform(images, thetas, fields=None):
-    """Warp a batch (B, 1, 28, 28) by per-image affine matrices, then displacement ``fields`` (B, 28, 28, 2)
-    where given, in one resampling, filling with black (0) outside."""
+def affine_transform(images, thetas):
+    """Warp a batch (B, 1, 28, 28) by per-image affine matrices, filling with black (0) outside."""
     grid = F.affine_grid(thetas, images.shape, align_corners=False)
-    if fields is not None:
-        grid = grid + fields
     return F.grid_sample(images, grid, align_corners=False)
 
 
@@ -124,31 +107,16 @@ def affine_transform(images, thetas, fields=None):
 def torchvision_loader(config, device, train, limit):
     from torchvision import transforms
 
-    to_tensor, normalise_step = transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))
-    plain = torch.utils.data.Subset(torchvision.datasets.MNIST(
-        config.data_dir, train=train, transform=transforms.Compose([to_tensor, normalise_step])), range(limit))
+    steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    plain = torch.utils.data.Subset(
+        torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps)), range(limit))
     dataset = plain
-    if train and (config.rotate or config.shift or config.scale or config.elastic):
-        warps = [transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
-                                         scale=(1 - config.scale, 1 + config.scale)), to_tensor]
-        if config.elastic:
-            warps.append(RandomElastic(config.elastic))
+    if train and (config.rotate or config.shift or config.scale):
+        affine = transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
+                                         scale=(1 - config.scale, 1 + config.scale))
         dataset = torch.utils.data.Subset(torchvision.datasets.MNIST(
-            config.data_dir, train=train, transform=transforms.Compose([*warps, normalise_step])), range(limit))
+            config.data_dir, train=train, transform=transforms.Compose([affine, *steps])), range(limit))
     return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed, plain=plain)
-
-
-class RandomElastic:
-    """The tensor pipeline's elastic distortion for one image tensor (1, 28, 28), drawn from torch's global
-    generator, which the DataLoader seeds in each worker. torchvision's ElasticTransform draws its fields
-    differently (blurred per-pixel noise); this keeps both pipelines' augmentation the same."""
-
-    def __init__(self, magnitude):
-        self.magnitude = magnitude
-
-    def __call__(self, image):
-        identity = torch.eye(2, 3).unsqueeze(0)
-        return affine_transform(image.unsqueeze(0), identity, random_displacement(1, self.magnitude, None))[0]
 
 
 class DeviceDataLoader:

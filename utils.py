@@ -47,8 +47,6 @@ class TrainConfig:
     rotate: float = setting(7.0, "training augmentation: random rotation in degrees, uniform in [-r, r]")
     shift: float = setting(1.0, "training augmentation: random shift in pixels along each axis")
     scale: float = setting(0.05, "training augmentation: random zoom by a factor in [1 - s, 1 + s]")
-    elastic: float = setting(0.0, "training augmentation: smooth elastic distortion, control points moved up to "
-                                  "this many pixels (0: off)")
     ema: float = setting(0.99, "test and keep an exponential moving average of the weights with this "
                               "per-step decay (0: off)")
     clean_bn: bool = setting(False, "after the last epoch, re-estimate the tested model's BatchNorm statistics "
@@ -88,7 +86,6 @@ class TrainConfig:
             (0 <= self.rotate <= 180, f"rotation must be between 0 and 180 degrees, got {self.rotate}"),
             (0 <= self.shift < 14, f"shift must be between 0 and 14 pixels, got {self.shift}"),
             (0 <= self.scale < 1, f"scale must be in [0, 1), got {self.scale}"),
-            (0 <= self.elastic < 14, f"elastic distortion must be between 0 and 14 pixels, got {self.elastic}"),
             (0 <= self.ema < 1, f"ema decay must be in [0, 1) (0 turns it off), got {self.ema}"),
             (self.step in ("eager", "static", "graph"),
              f"unknown step {self.step!r}: choose eager, static or graph"),

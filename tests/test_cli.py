@@ -79,7 +79,6 @@ def test_limits_and_flags_reach_the_run(tmp_path, capsys):
     (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact, NetTiny"),
     (["--step", "jit"], "unknown step 'jit': choose eager, static or graph"),
     (["--warmup", "1.5"], "warmup must be a fraction in (0, 1), got 1.5"),
-    (["--elastic", "-1"], "elastic distortion must be between 0 and 14 pixels, got -1.0"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
     (["--pipeline", "dali"], "unknown pipeline 'dali'"),

@@ -10,16 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from data import (
-    MNIST_FILES,
-    MNIST_MEAN,
-    MNIST_STD,
-    RandomElastic,
-    TensorLoader,
-    load_mnist,
-    make_loaders,
-    random_displacement,
-)
+from data import MNIST_FILES, MNIST_MEAN, MNIST_STD, TensorLoader, load_mnist, make_loaders
 from utils import DataError, TrainConfig
 
 CPU = torch.device("cpu")
@@ -62,12 +53,10 @@ def test_train_loader_reshuffles_every_epoch_and_covers_every_image_once(mnist):
     assert not torch.equal(first, second)
 
 
-# Elastic distortion squeezes and stretches strokes locally, so it changes the ink more.
-@pytest.mark.parametrize(("warp", "least_ink_kept"), [({"rotate": 10, "shift": 2}, 0.75), ({"elastic": 1.0}, 0.6)])
-def test_batched_augmentation_keeps_labels_and_image_statistics(mnist, warp, least_ink_kept):
+def test_batched_augmentation_keeps_labels_and_image_statistics(mnist):
     images, labels = mnist["train"][0][:512], mnist["train"][1][:512]
     plain = TensorLoader(images, labels, 512, CPU, train=True, seed=3)
-    augmented = TensorLoader(images, labels, 512, CPU, train=True, seed=3, **warp)
+    augmented = TensorLoader(images, labels, 512, CPU, train=True, rotate=10, shift=2, seed=3)
     (x_plain, y_plain), = list(plain)
     (x_aug, y_aug), = list(augmented)
     assert torch.equal(y_plain, y_aug)
@@ -77,7 +66,7 @@ def test_batched_augmentation_keeps_labels_and_image_statistics(mnist, warp, lea
     assert ink_aug.min() >= -1e-5 and ink_aug.max() <= 1 + 1e-5
     # Rotating and shifting moves ink about but keeps most of it inside the frame.
     kept = ink_aug.sum(dim=(1, 2, 3)) / ink_plain.sum(dim=(1, 2, 3))
-    assert kept.min() > least_ink_kept and kept.median() > 0.95
+    assert kept.min() > 0.75 and kept.median() > 0.95
     # Each augmented image still matches its source, and looks most like digits of its own label,
     # once both are blurred enough that a 2-pixel shift does not matter.
     blurred_aug, blurred_plain = (F.avg_pool2d(ink, 7, stride=1, padding=3).flatten(1) for ink in (ink_aug, ink_plain))
@@ -88,31 +77,9 @@ def test_batched_augmentation_keeps_labels_and_image_statistics(mnist, warp, lea
     assert (y_plain[nearest] == y_aug).float().mean() > 0.85
 
 
-@pytest.mark.parametrize("magnitude", [1.0, 2.0])
-def test_elastic_fields_are_smooth_and_bounded(magnitude):
-    pixels = random_displacement(512, magnitude, torch.Generator().manual_seed(0)) * 14  # 2 / 28 per pixel
-    assert pixels.shape == (512, 28, 28, 2)
-    # Control points move up to `magnitude` pixels; bicubic interpolation overshoots them by under half.
-    assert magnitude < pixels.abs().max() < 1.5 * magnitude
-    assert pixels.abs().mean() > magnitude / 4 and pixels.mean().abs() < magnitude / 50
-    # Neighbouring pixels move by less than a pixel apart, so no stroke folds over or tears.
-    for axis in (1, 2):
-        assert pixels.diff(dim=axis).abs().max() < 1
-
-
-def test_elastic_distortion_of_one_image_bends_it_and_keeps_its_ink(mnist):
-    image = mnist["train"][0][0].float().div(255).unsqueeze(0)
-    torch.manual_seed(0)
-    warped = RandomElastic(1.0)(image)
-    assert warped.shape == image.shape
-    assert (warped - image).abs().max() > 0.3
-    assert warped.sum().item() == pytest.approx(image.sum().item(), rel=0.15)
-    torch.testing.assert_close(RandomElastic(0.0)(image), image)
-
-
-@pytest.mark.parametrize(("train", "elastic"), [(True, 0.0), (True, 1.0), (False, 0.0)])
-def test_both_pipelines_yield_the_same_kind_of_batches(train, elastic):
-    config = TrainConfig(train_limit=1024, test_limit=1024, batch_size=256, elastic=elastic)
+@pytest.mark.parametrize("train", [True, False])
+def test_both_pipelines_yield_the_same_kind_of_batches(train):
+    config = TrainConfig(train_limit=1024, test_limit=1024, batch_size=256)
     fast, reference = (make_loaders(TrainConfig(**{**config.__dict__, "pipeline": p}), CPU)[0 if train else 1]
                        for p in ("tensor", "torchvision"))
     assert len(fast) == len(reference) == 4
@@ -124,10 +91,7 @@ def test_both_pipelines_yield_the_same_kind_of_batches(train, elastic):
         assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)
         assert x.mean().item() == pytest.approx(0, abs=0.12)
         assert x.std().item() == pytest.approx(1, abs=0.12)
-    if train:
-        warps = reference.loader.dataset.dataset.transform.transforms
-        assert any(isinstance(step, RandomElastic) for step in warps) == bool(elastic)
-    else:
+    if not train:
         assert torch.equal(y_fast, y_ref)
         torch.testing.assert_close(x_fast, x_ref)
 

@@ -57,6 +57,8 @@ def test_every_setting_has_its_flag_with_help_and_default(capsys):
         assert spec.metadata["help"] and " ".join(spec.metadata["help"].split()) in text, spec.name
         assert "--" + spec.name.replace("_", "-") in text
     assert "(default: 0.25)" in text and "--recipe" in text and "--overwrite" in text
+    # --data-dir's help explains its default itself, so it gets no second one.
+    assert "(default: env MNIST_DATA, else ./data)" in text and "else ./data) (default" not in text
 
 
 def test_limits_and_flags_reach_the_run(tmp_path, capsys):

@@ -6,11 +6,12 @@ Each arm runs in a fresh process of its own, the two alternating for a few round
   reference  the seed-style setup: a 15,662-parameter CNN (conv 1-8-16-32 at 28x28, max-pool, conv 32-32,
              1x1 to 10, GAP), torchvision DataLoader (2 workers) with per-image RandomRotation(7), batch 128,
              SGD lr 0.01 momentum 0.9, default memory allocator;
-  ours       train.py's step for the model's recipe (Net by default): the whole dataset on the device,
-             batched augmentation.
+  ours       train.py's train_epoch for the model's recipe (Net by default): the whole dataset on the
+             device, batched augmentation.
 Training time is the median over timed chunks of batches after a warm-up, scaled to a 60,000-image epoch
-(the chunk size is printed), plus the time an epoch takes to start (ours warps the whole epoch then; the
-reference starts its workers); the test pass is the median of full 10,000-image passes. The figures shown
+(the chunk size is printed). Ours runs train_epoch over a split of one chunk, so its timing holds the
+warp of that split; the reference's adds the time its workers take to start an epoch. The test pass is
+the median of full 10,000-image passes. The figures shown
 are medians over the rounds, and the ratio is the median of the rounds' ratios.
 """
 
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +31,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
+from config import ConfigError, TrainConfig, make_config
 from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
 from model import MODELS
 from utils import (
-    ConfigError,
-    TrainConfig,
     average_of,
     evaluate,
     keep_freed_memory,
-    make_config,
     make_optimizer,
-    make_step,
+    make_static_step,
     pick_device,
     prepare_model,
     seed_everything,
+    train_epoch,
 )
 
 TRAIN_IMAGES = 60_000
@@ -103,30 +104,23 @@ def reference_loaders(config, device):
             DeviceDataLoader(MNIST(config.data_dir, train=False, transform=plain), 128, device, train=False))
 
 
-def time_training(model, loader, step, device, chunk, chunks):
-    """Seconds per batch: median over ``chunks`` timed runs of ``chunk`` batches, after a warm-up."""
-    model.train()
-    batches = iter(())
+def time_training(run_chunk, device, chunks):
+    """Seconds of ``run_chunk()`` (one chunk of batches): the median over ``chunks`` timed calls, after
+    an untimed one that warms up."""
     timings = []
     for timed in [False] + [True] * chunks:
         synchronize(device)
         started = time.perf_counter()
-        for _ in range(chunk if timed else max(5, chunk // 4)):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                images, labels = next(batches)
-            step(images, labels)
+        run_chunk()
         synchronize(device)
         if timed:
-            timings.append((time.perf_counter() - started) / chunk)
+            timings.append(time.perf_counter() - started)
     return statistics.median(timings), timings
 
 
 def time_epoch_start(loader, device, repeats=3):
-    """Seconds from asking for an epoch to its first batch: ours shuffles and warps the whole epoch
-    then, the reference starts its worker processes. The median of ``repeats``."""
+    """Seconds from asking for an epoch to its first batch, while the worker processes start; the median
+    of ``repeats``."""
     timings = []
     for _ in range(repeats):
         synchronize(device)
@@ -156,37 +150,57 @@ def run_arm(arm, config, chunk, chunks):
         model = ReferenceNet().to(device)
         train_loader, test_loader = reference_loaders(config, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        batches = iter(())
 
-        def step(images, labels):
-            loss = F.nll_loss(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def run_chunk():
+            nonlocal batches
+            model.train()
+            for _ in range(chunk):
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    batches = iter(train_loader)
+                    images, labels = next(batches)
+                loss = F.nll_loss(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
         batch_size = 128
     else:
         if device.type == "cpu":
             keep_freed_memory()
         model = prepare_model(MODELS[config.model](), device)
-        train_loader, test_loader = make_loaders(config, device)
-        # The training step of train.py (--step eager, static or graph), under a schedule long enough
-        # for every timed batch.
-        optimizer, scheduler = make_optimizer(model, config, total_steps=100_000)
+        chunk = min(chunk, TRAIN_IMAGES // config.batch_size)
+        # train.py's own epoch (train_epoch, with --step as given) over a split of one chunk of batches:
+        # each call shuffles and warps it as an epoch does, so the warp is timed in proportion.
+        chunk_split = replace(config, train_limit=chunk * config.batch_size)
+        train_loader, test_loader = make_loaders(chunk_split, device)
+        optimizer, scheduler = make_optimizer(model, config, total_steps=100_000)  # longer than any timing
         averaged = average_of(model, config.ema)
-        step = make_step(model, optimizer, scheduler, config, averaged)
+        static_step = make_static_step(model, optimizer, scheduler, config, averaged)
+
+        def run_chunk():
+            train_epoch(model, train_loader, optimizer, scheduler, averaged=averaged,
+                        label_smoothing=config.label_smoothing, static_step=static_step, progress=False)
+
         batch_size = config.batch_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_batch, timings = time_training(model, train_loader, step, device, chunk, chunks)
-    epoch_start = time_epoch_start(train_loader, device)
+    per_chunk, timings = time_training(run_chunk, device, chunks)
+    per_batch = per_chunk / chunk
+    # The reference starts its worker processes at each epoch; ours warps within each timed chunk.
+    epoch_start = time_epoch_start(train_loader, device) if arm == "reference" else 0.0
     epoch_seconds = epoch_start + per_batch * TRAIN_IMAGES / batch_size
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"arm": arm, "model": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
             "macs": count_macs(model), "batch_size": batch_size, "device": str(device),
-            "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds, "epoch_start_seconds": epoch_start,
-            "chunk_epoch_seconds": [t * TRAIN_IMAGES / batch_size for t in timings],
-            "images_per_second": batch_size / per_batch, "test_seconds": time_test_pass(model, test_loader, device),
+            "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds,
+            "epoch_start_seconds": epoch_start,
+            "chunk_epoch_seconds": [t / chunk * TRAIN_IMAGES / batch_size for t in timings],
+            "images_per_second": batch_size / per_batch,
+            "test_seconds": time_test_pass(model, test_loader, device),
             "peak_memory_mb": peak / 2**20, "threads": torch.get_num_threads()}
 
 
@@ -195,7 +209,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=TrainConfig().data_dir)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default="Net", choices=list(MODELS))
-    parser.add_argument("--step", default=TrainConfig().step, help="our training step: eager, static or graph "
+    parser.add_argument("--step", default=TrainConfig().step,
+                        help="our training step: eager, static or graph "
                         "(as train.py --step)")
     parser.add_argument("--images", type=int, default=10_000,
                         help="training images per timed chunk (default: 10000, a sixth of an epoch)")
@@ -212,8 +227,8 @@ def main(argv=None):
     except ConfigError as error:
         parser.error(str(error))
     if args.arm:
-        print(json.dumps(run_arm(args.arm, config, max(1, args.images // (128 if args.arm == "reference"
-                                                                       else config.batch_size)), args.chunks)))
+        batch_size = 128 if args.arm == "reference" else config.batch_size
+        print(json.dumps(run_arm(args.arm, config, max(1, args.images // batch_size), args.chunks)))
         return 0
 
     device = pick_device(args.device)

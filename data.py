@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from utils import DataError
+from config import DataError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -28,9 +28,9 @@ def make_loaders(config, device):
         images, labels = load_mnist(config.data_dir, train=train)
         limit = limit or len(labels)
         if config.pipeline == "tensor":
-            loaders.append(TensorLoader(images[:limit], labels[:limit], config.batch_size, device, train=train,
-                                        rotate=config.rotate, shift=config.shift, scale=config.scale,
-                                        seed=config.seed))
+            loaders.append(TensorLoader(images[:limit], labels[:limit], config.batch_size, device,
+                                        train=train, rotate=config.rotate, shift=config.shift,
+                                        scale=config.scale, seed=config.seed))
         else:
             loaders.append(torchvision_loader(config, device, train, limit))
     return tuple(loaders)
@@ -44,7 +44,8 @@ class TensorLoader:
     """A whole split kept as one tensor on the device. Each epoch shuffles it with a seeded generator
     and warps all its training images at once with affine_grid + grid_sample; the batches are views."""
 
-    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0, seed=0):
+    def __init__(self, images, labels, batch_size, device, *, train, rotate=0.0, shift=0.0, scale=0.0,
+                 seed=0):
         self.images = images.to(device).unsqueeze(1).float().div_(255)
         self.labels = labels.to(device)
         self.batch_size, self.train = batch_size, train
@@ -109,7 +110,8 @@ def torchvision_loader(config, device, train, limit):
 
     steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
     plain = torch.utils.data.Subset(
-        torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps)), range(limit))
+        torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps)),
+        range(limit))
     dataset = plain
     if train and (config.rotate or config.shift or config.scale):
         affine = transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
@@ -175,8 +177,8 @@ def load_mnist(root, train, download=True):
     missing = [name for name in MNIST_FILES if not (raw / name).exists()]
     if missing:
         if not download:
-            raise DataError(f"{missing_files(missing)} missing from {raw}: point --data-dir (MNIST_DATA) at a "
-                            "folder holding MNIST/raw, or allow the download")
+            raise DataError(f"{missing_files(missing)} missing from {raw}: point --data-dir (MNIST_DATA) "
+                            "at a folder holding MNIST/raw, or allow the download")
         download_mnist(root, missing)
     try:
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)
@@ -213,7 +215,8 @@ def mnist_file_problem(path):
     header_dims = tuple(int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(len(dims)))
     if header_dims != dims:
         shape = " x ".join(f"{d:,}" for d in header_dims)
-        return f"has an IDX header of {shape}, expected {' x '.join(f'{d:,}' for d in dims)} (corrupt): {REMEDY}"
+        expected = " x ".join(f"{d:,}" for d in dims)
+        return f"has an IDX header of {shape}, expected {expected} (corrupt): {REMEDY}"
     return None
 
 
@@ -231,8 +234,8 @@ def download_mnist(root, missing):
         if made:
             shutil.rmtree(made[0], ignore_errors=True)
         if isinstance(error, PermissionError):
-            raise DataError(f"MNIST is missing from {raw} and cannot be downloaded there (permission denied): "
-                            "point --data-dir (MNIST_DATA) at a folder you can write to") from None
+            raise DataError(f"MNIST is missing from {raw} and cannot be downloaded there (permission "
+                            "denied): point --data-dir (MNIST_DATA) at a folder you can write to") from None
         reason = " ".join(str(error).split()) or type(error).__name__
         raise DataError(f"{missing_files(missing)} missing from {raw} and the download failed "
                         f"({reason[:200]}): connect to the internet, or point --data-dir (MNIST_DATA) at a "

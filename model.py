@@ -55,7 +55,7 @@ class CompactCNN(nn.Module):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError:
             shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
-            fits = [name for name, cls in MODELS.items()
+            fits = [name for name, cls in find_models().items()
                     if {k: tuple(v.shape) for k, v in cls().state_dict().items()} == shapes]
             hint = (f"they are weights of {fits[0]}: load them into {fits[0]}()" if fits else
                     "load them into the model class they were trained with (metrics.json names it)")
@@ -107,6 +107,15 @@ class Net(CompactCNN):
         super().__init__(stages=((16,), (16, 16), (32, 32)), dropout=dropout)
 
 
+class NetCompact(CompactCNN):
+    """The small model, under 8,000 parameters: a 3x3 convolution to 16 channels, then
+    depthwise-separable convolutions (3x3 per channel, 1x1 across channels): 16 more at 28x28,
+    32-32 at 14x14 and 48-48 at 7x7."""
+
+    def __init__(self, dropout=0.02):
+        super().__init__(stages=((16, 16), (32, 32), (48, 48)), dropout=dropout, separable_from=0)
+
+
 class NetTiny(CompactCNN):
     """Under 5,000 parameters: full 3x3 convolutions to 8 then 16 channels at 28x28, then
     depthwise-separable ones: 24-24 at 14x14 and 24-32 at 7x7. Full convolutions at 28x28 cost few
@@ -117,13 +126,24 @@ class NetTiny(CompactCNN):
         super().__init__(stages=((8, 16), (24, 24), (24, 32)), dropout=dropout, separable_from=1)
 
 
-class NetCompact(CompactCNN):
-    """The small model, under 8,000 parameters: a 3x3 convolution to 16 channels, then
-    depthwise-separable convolutions (3x3 per channel, 1x1 across channels): 16 more at 28x28,
-    32-32 at 14x14 and 48-48 at 7x7."""
+def find_models():
+    """Every model of this file by name: each nn.Module class defined here that builds without arguments
+    (so not CompactCNN, which needs its stages), in the order they are defined."""
+    return {name: cls for name, cls in globals().items()
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == __name__
+            and builds_without_arguments(cls)}
 
-    def __init__(self, dropout=0.02):
-        super().__init__(stages=((16, 16), (32, 32), (48, 48)), dropout=dropout, separable_from=0)
+
+def builds_without_arguments(cls):
+    init = cls.__init__
+    positional = init.__code__.co_argcount - 1 - len(init.__defaults__ or ())
+    keywords = init.__code__.co_kwonlyargcount - len(init.__kwdefaults__ or {})
+    return positional == 0 and keywords == 0
 
 
-MODELS = {"Net": Net, "NetCompact": NetCompact, "NetTiny": NetTiny}
+def __getattr__(name):
+    # model.MODELS is found when it is read, so that a class added anywhere in this file, even below
+    # here, is trained, checked and described by name with no other edit.
+    if name == "MODELS":
+        return find_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

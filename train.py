@@ -24,17 +24,13 @@ from pathlib import Path
 
 import torch
 
+from config import RECIPES, ConfigError, TrainingError, default_setting, make_config
 from data import make_loaders
 from model import MODELS
 from utils import (
-    RECIPES,
-    ConfigError,
-    TrainingError,
     atomic_write,
-    default_setting,
     fit,
     keep_freed_memory,
-    make_config,
     pick_device,
     prepare_model,
     read_checkpoint,
@@ -219,7 +215,8 @@ def parse_args(argv):
             if "(default:" not in text:
                 text += f" (default: {default_setting(spec.name)})"
             parser.add_argument(flag, type=spec.type, metavar=spec.name.split("_")[-1].upper(), help=text)
-    parser.add_argument("--out", type=Path, help="folder for config.json, checkpoint.pt, metrics.json, model.pt")
+    parser.add_argument("--out", type=Path,
+                        help="folder for config.json, checkpoint.pt, metrics.json, model.pt")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     parser.add_argument("--seeds", help="run each seed of a range such as 0-4 or 0,3,7 into --out/seedN "

@@ -1,13 +1,11 @@
-"""Training: every setting of a run (TrainConfig), the errors a user can fix, fit with its optimizer
-and schedule, the train and test loops, checkpoints, device choice and the curves. Used by train.py,
-bench.py and S6.ipynb; the data pipelines are in data.py, the models in model.py.
+"""Training: fit with its train and test loops, the optimizer, schedule and weight average,
+checkpoints, the device, and the curves; in the order a run uses them. Used by train.py, bench.py and
+S6.ipynb; the settings are in config.py, the data pipelines in data.py, the models in model.py.
 
-    config = TrainConfig(epochs=20)
+    config = make_config(epochs=20)
     history = fit(model, *make_loaders(config, device), config)
 """
 
-import itertools
-import math
 import os
 import pickle
 import platform
@@ -15,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import zipfile
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -24,132 +22,10 @@ import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from model import MODELS
-
-
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run, with its default and its help; train.py makes a flag of each."""
-
-    model: str = setting("Net", "model class in model.py")
-    epochs: int = setting(20, "epochs to train")
-    batch_size: int = setting(256, "training and test batch size")
-    lr: float = setting(0.2, "peak learning rate of the one-cycle schedule")
-    warmup: float = setting(0.25, "fraction of the steps over which the learning rate rises to its peak")
-    momentum: float = setting(0.9, "SGD momentum (Nesterov), cycled 0.05 either side of this, against the "
-                                   "learning rate (0: none)")
-    weight_decay: float = setting(5e-4, "L2 weight decay")
-    label_smoothing: float = setting(0.0, "label smoothing of the training loss")
-    rotate: float = setting(7.0, "training augmentation: random rotation in degrees, uniform in [-r, r]")
-    shift: float = setting(1.0, "training augmentation: random shift in pixels along each axis")
-    scale: float = setting(0.05, "training augmentation: random zoom by a factor in [1 - s, 1 + s]")
-    ema: float = setting(0.99, "test and keep an exponential moving average of the weights with this "
-                              "per-step decay (0: off)")
-    clean_bn: bool = setting(False, "after the last epoch, re-estimate the tested model's BatchNorm statistics "
-                                    "on the training images without augmentation, which the test images resemble")
-    seed: int = setting(0, "random seed (weights, shuffling, augmentation, dropout)")
-    pipeline: str = setting("tensor", "tensor: dataset on the device, batched augmentation; "
-                                      "torchvision: the classic DataLoader (the reference)")
-    # Read when a config is made, so that setting MNIST_DATA in a notebook takes effect.
-    data_dir: str = field(default_factory=lambda: os.environ.get("MNIST_DATA", "./data"),
-                          metadata={"help": "folder holding MNIST/raw; downloaded there when missing "
-                                            "(default: env MNIST_DATA, else ./data)"})
-    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    step: str = setting("eager", "training step: eager (torch.optim, op by op), static (the same as fixed "
-                                 "tensors and tensor ops) or graph (static, captured in a CUDA graph; CUDA only)")
-    deterministic: bool = setting(True, "on CUDA, deterministic kernels: one seed, one result (the CPU's "
-                                        "kernels are deterministic already)")
-    train_limit: int = setting(0, "train on the first N images only (0: all)")
-    test_limit: int = setting(0, "test on the first N images only (0: all)")
-    dry_run: bool = setting(False, "one epoch of two batches, for smoke tests")
-
-    def __post_init__(self):
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            expected = (int, float) if spec.type is float else spec.type
-            if not isinstance(value, expected) or (isinstance(value, bool) and spec.type is not bool):
-                raise ConfigError(f"setting {spec.name} must be a {spec.type.__name__}, got {value!r}")
-        checks = [
-            (self.model in MODELS, f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr}"),
-            (0 < self.warmup < 1, f"warmup must be a fraction in (0, 1), got {self.warmup}"),
-            (self.momentum == 0 or 0.05 <= self.momentum < 0.95,
-             f"momentum must be 0 or in [0.05, 0.95) (it cycles 0.05 either side), got {self.momentum}"),
-            (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (0 <= self.rotate <= 180, f"rotation must be between 0 and 180 degrees, got {self.rotate}"),
-            (0 <= self.shift < 14, f"shift must be between 0 and 14 pixels, got {self.shift}"),
-            (0 <= self.scale < 1, f"scale must be in [0, 1), got {self.scale}"),
-            (0 <= self.ema < 1, f"ema decay must be in [0, 1) (0 turns it off), got {self.ema}"),
-            (self.step in ("eager", "static", "graph"),
-             f"unknown step {self.step!r}: choose eager, static or graph"),
-            (self.pipeline in ("tensor", "torchvision"),
-             f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
-            (self.train_limit >= 0, f"train limit must be >= 0 (0 means all), got {self.train_limit}"),
-            (self.test_limit >= 0, f"test limit must be >= 0 (0 means all), got {self.test_limit}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-
-# Measured recipes: the settings in which each differs from TrainConfig's defaults (see RESULTS.md).
-# A model trains with the recipe of its name unless another is named; settings given override both.
-# The smaller models were measured with the stronger augmentation that Net had before its weight
-# average: rotation 10 degrees, shift 2 pixels, zoom 10%.
-STRONGER_AUGMENTATION = {"rotate": 10.0, "shift": 2.0, "scale": 0.1}
-RECIPES = {
-    "Net": {"model": "Net"},
-    "NetCompact": {"model": "NetCompact", "epochs": 15, **STRONGER_AUGMENTATION},
-    "NetTiny": {"model": "NetTiny", "epochs": 20, **STRONGER_AUGMENTATION, "clean_bn": True},
-    # The least training time to >= 99.4% on every seed of those measured: Net's recipe, one-cycle over
-    # 8 epochs (over 6, seed 2 ended at 99.39%; without the weight average 10 epochs were needed).
-    "speedrun": {"model": "Net", "epochs": 8},
-}
-
-
-def make_config(recipe=None, **settings):
-    """A TrainConfig of the named recipe (default: the recipe of ``settings["model"]``, else Net's),
-    with ``settings`` on top."""
-    if recipe is not None and recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES.get(recipe or settings.get("model", "Net"), {}), **settings})
-
-
-def default_setting(name):
-    """The default of a TrainConfig field, as a config made now would have it."""
-    spec = TrainConfig.__dataclass_fields__[name]
-    return spec.default_factory() if spec.default is MISSING else spec.default
-
-
-class TrainingError(Exception):
-    """A problem the user can fix; its message says what is wrong and what to do."""
-
-
-class ConfigError(TrainingError, ValueError):
-    """Impossible settings, an unusable device or output folder."""
-
-
-class DataError(TrainingError):
-    """MNIST files missing, undownloadable, unreadable, truncated or foreign."""
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint that cannot be resumed from, or cannot be written."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The training loss became NaN or infinite."""
-
+from config import CheckpointError, ConfigError, NonFiniteLossError, TrainConfig, default_setting
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: fit, one epoch, the test pass
 
 
 def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=False, progress=True,
@@ -159,9 +35,7 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a path), saves everything
     needed to continue after every epoch, atomically; with ``resume`` also, continues from it.
     """
-    batches = 2 if config.dry_run else len(train_loader)
-    epochs = 1 if config.dry_run else config.epochs
-    steps = epochs * batches
+    steps = config.epochs * len(train_loader)
     optimizer, scheduler = make_optimizer(model, config, steps)
     averaged = average_of(model, config.ema)
     # The average starts at the initial weights and forgets them slowly: in a short run (a dry run, one
@@ -175,26 +49,27 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     if resume and checkpoint is not None and Path(checkpoint).exists():
         history = restore_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, averaged)
         log(f"resumed from {checkpoint} after epoch {len(history)}")
-    step = make_step(model, optimizer, scheduler, config, averaged)  # after the restore: it holds the buffers
-    for epoch in range(len(history) + 1, epochs + 1):
+    # Made after the restore: the static step holds the restored momentum buffers and average.
+    static_step = make_static_step(model, optimizer, scheduler, config, averaged)
+    for epoch in range(len(history) + 1, config.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         started = time.perf_counter()
         try:
-            train_metrics = train_epoch(model, train_loader, step, epoch=epoch, max_batches=batches,
-                                        progress=progress)
+            train_metrics = train_epoch(model, train_loader, optimizer, scheduler, averaged=averaged,
+                                        label_smoothing=config.label_smoothing, static_step=static_step,
+                                        epoch=epoch, progress=progress)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"{error}; {kept(checkpoint, history)}") from None
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        test_batches = 2 if config.dry_run else None
         row = {}
-        if config.clean_bn and epoch == epochs:
-            before = evaluate(tested, test_loader, max_batches=test_batches)
+        if config.clean_bn and epoch == config.epochs:
+            before = evaluate(tested, test_loader)
             row = {"test_loss_before_clean_bn": before["loss"], "test_acc_before_clean_bn": before["acc"]}
             # The statistics were gathered on augmented images, which are rotated, shifted and zoomed
             # where the test images are not; measured on NetTiny, statistics of clean images test better.
-            update_bn(itertools.islice(train_loader.unaugmented(), batches), tested)
-        test_metrics = evaluate(tested, test_loader, max_batches=test_batches)
+            update_bn(train_loader.unaugmented(), tested)
+        test_metrics = evaluate(tested, test_loader)
         history.append({"epoch": epoch, "lr": lr, **train_metrics, "test_loss": test_metrics["loss"],
                         "test_acc": test_metrics["acc"], **row, "seconds": train_seconds,
                         "test_seconds": time.perf_counter() - started})
@@ -210,6 +85,74 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     return history
 
 
+def train_epoch(model, loader, optimizer, scheduler, *, averaged=None, label_smoothing=0.0, static_step=None,
+                epoch=1, progress=True):
+    """One pass over ``loader``, one optimizer and scheduler step per batch; returns {"train_loss",
+    "train_acc"} (mean loss, percent correct).
+
+    Raises NonFiniteLossError naming the epoch and batch where the loss stopped being finite.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    # Running sums stay on the device and are read every few dozen batches: reading waits for the device.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad_batch = torch.zeros((), device=device, dtype=torch.int64)  # the first non-finite loss; 0: none
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
+    for batch, (images, labels) in enumerate(bar, start=1):
+        if static_step is None:
+            log_probs = model(images)
+            loss = F.cross_entropy(log_probs, labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+        else:  # --step static or graph: the same step on fixed tensors (static_step.py)
+            loss, log_probs = static_step(images, labels)
+        loss = loss.detach()
+        loss_sum += loss * len(labels)
+        correct += (log_probs.argmax(dim=1) == labels).sum()
+        first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
+        seen += len(labels)
+        if batch % READ_EVERY == 0 or batch == len(loader):
+            if first_bad_batch.item():
+                raise NonFiniteLossError(f"training loss became non-finite at epoch {epoch}, batch "
+                                         f"{first_bad_batch.item()} of {len(loader)}: lower --lr or check "
+                                         "the input data")
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen}
+
+
+READ_EVERY = 20  # batches between reads of the running sums (the progress bar's loss, the non-finite check)
+
+
+@torch.inference_mode()
+def evaluate(model, loader, *, progress=False):
+    """{"loss": mean NLL over all images, "acc": percent correct, "predictions": int64 CPU tensor}."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    predictions, labels_seen = [], []
+    for images, labels in tqdm(loader, desc="test", leave=False, disable=not progress):
+        log_probs = model(images)
+        loss_sum += F.nll_loss(log_probs.float(), labels, reduction="sum").double()
+        predictions.append(log_probs.argmax(dim=1))
+        labels_seen.append(labels)
+    predictions, labels = torch.cat(predictions), torch.cat(labels_seen)
+    return {"loss": loss_sum.item() / len(labels),
+            "acc": 100 * (predictions == labels).sum().item() / len(labels),
+            "predictions": predictions.cpu()}
+
+
+def format_epoch(row):
+    return (f"epoch {row['epoch']:2d}  lr {row['lr']:.4f}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
+            f"{row['seconds']:.1f}s")
+
+
 def kept(checkpoint, history):
     """What a run that stops now leaves to resume from, for the end of an error message."""
     if checkpoint is None:
@@ -217,6 +160,11 @@ def kept(checkpoint, history):
     if not history:
         return "no epoch had finished, so there is no checkpoint yet"
     return f"the checkpoint of epoch {len(history)} is kept in {checkpoint}"
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, schedule and weight average
 
 
 def make_optimizer(model, config, total_steps):
@@ -233,17 +181,6 @@ def make_optimizer(model, config, total_steps):
     return optimizer, scheduler
 
 
-def make_step(model, optimizer, scheduler, config, averaged=None):
-    """The training step that ``config.step`` names: eager, static, or static captured in a CUDA graph."""
-    device = next(model.parameters()).device
-    if config.step == "graph" and device.type != "cuda":
-        raise ConfigError(f"step 'graph' captures CUDA graphs, and the device is {device}: use --step eager "
-                          "or static there")
-    if config.step == "eager":
-        return EagerStep(model, optimizer, scheduler, config, averaged)
-    return StaticStep(model, optimizer, scheduler, config, averaged, capture=config.step == "graph")
-
-
 def average_of(model, decay):
     """An exponential moving average of ``model``'s weights and BatchNorm statistics, starting from its
     current weights (None for a decay of 0: no average). Late in training the raw weights still jump from
@@ -255,196 +192,13 @@ def average_of(model, decay):
     return averaged
 
 
-def train_epoch(model, loader, step, *, epoch=1, max_batches=None, progress=True):
-    """One pass over ``loader``, calling ``step`` (an EagerStep or a StaticStep) on each batch; returns
-    {"train_loss", "train_acc"} (mean loss, percent correct).
+def make_static_step(model, optimizer, scheduler, config, averaged=None):
+    """None for ``--step eager`` (the step written out in train_epoch); else static_step.py's step."""
+    if config.step == "eager":
+        return None
+    from static_step import StaticStep  # imported only when asked for
 
-    Raises NonFiniteLossError naming the epoch and batch where the loss stopped being finite.
-    """
-    model.train()
-    step.tally.zero_()
-    seen = 0
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch} train", leave=False,
-               disable=not progress)
-    for batch, (images, labels) in enumerate(bar):
-        step(images, labels)
-        seen += len(labels)
-        if batch % 50 == 0 or batch + 1 == total:  # reading the tally waits for the device: not every batch
-            loss_sum, correct, last_loss, first_bad, _ = step.tally.tolist()
-            if first_bad:
-                raise NonFiniteLossError(f"training loss became non-finite at epoch {epoch}, batch "
-                                         f"{int(first_bad)} of {len(loader)}: lower --lr or check the input data")
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-    return {"train_loss": loss_sum / seen, "train_acc": 100 * correct / seen}
-
-
-class EagerStep:
-    """A training step with torch.optim's SGD and scheduler, run op by op: the default everywhere.
-
-    ``tally`` holds, on the device so that no step waits for it: the epoch's loss sum, correct count,
-    the last loss and the first batch (counted from 1; 0: none) whose loss was not finite.
-    """
-
-    def __init__(self, model, optimizer, scheduler, config, averaged=None):
-        self.model, self.optimizer, self.scheduler, self.averaged = model, optimizer, scheduler, averaged
-        self.label_smoothing = config.label_smoothing
-        self.tally = torch.zeros(5, device=next(model.parameters()).device)
-
-    def __call__(self, images, labels):
-        log_probs = self.model(images)
-        loss = F.cross_entropy(log_probs, labels, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.averaged is not None:
-            self.averaged.update_parameters(self.model)
-        count(self.tally, loss.detach(), log_probs.detach(), labels)
-
-
-def count(tally, loss, log_probs, labels):
-    """Add a batch to ``tally`` (see EagerStep) with tensor ops only, so that a CUDA graph can hold it."""
-    loss_sum, correct, last_loss, first_bad, batches = tally.unbind()
-    batches += 1
-    loss_sum += loss * len(labels)
-    correct += (log_probs.argmax(dim=1) == labels).sum()
-    last_loss.copy_(loss)
-    first_bad.copy_(torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, batches))
-
-
-class StaticStep:
-    """The same step as EagerStep, as fixed tensors and tensor ops only, so that on CUDA it can be
-    captured once in a CUDA graph and replayed for every batch (PyTorch's whole-network capture: the
-    GPU then no longer waits on Python and kernel launches between a step's ~100 small kernels).
-
-    Each batch is copied into a fixed input buffer; the learning rate and the momentum are 0-dim tensors
-    that the one-cycle schedule writes before each step; the SGD update (Nesterov momentum, weight decay) is
-    written out with foreach ops that read it, on the optimizer's own momentum buffers, so that
-    checkpoints are the same as EagerStep's; the tally and the weight average are updated inside.
-    With ``capture`` (CUDA only), one graph per batch size is captured the first time that size comes;
-    without, the same ops run one by one, which is how the CPU tests check it against EagerStep.
-    """
-
-    def __init__(self, model, optimizer, scheduler, config, averaged=None, capture=False):
-        self.model, self.scheduler, self.averaged, self.capture = model, scheduler, averaged, capture
-        self.label_smoothing = config.label_smoothing
-        device = next(model.parameters()).device
-        self.group = optimizer.param_groups[0]  # the scheduler writes its lr and momentum
-        self.weight_decay, self.nesterov = self.group["weight_decay"], self.group["nesterov"]
-        self.uses_momentum = self.group["momentum"] > 0
-        self.params = list(model.parameters())
-        for param in self.params:  # a zero buffer gives torch's first step exactly: 0.9 * 0 + g = g
-            if optimizer.state[param].get("momentum_buffer") is None:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
-        self.momentum_buffers = [optimizer.state[param]["momentum_buffer"] for param in self.params]
-        # The scheduler warns unless optimizer.step() ran first; here step() below does its work.
-        optimizer._opt_called = True
-        self.lr, self.momentum = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.tally = torch.zeros(5, device=device)
-        self.inputs, self.graphs = {}, {}
-        if averaged is not None:  # (average's tensors, model's tensors), floating and integer apart
-            pairs = list(zip(itertools.chain(averaged.module.parameters(), averaged.module.buffers()),
-                             itertools.chain(model.parameters(), model.buffers())))
-            groups = ([pair for pair in pairs if pair[0].is_floating_point() == floating]
-                      for floating in (True, False))
-            self.average_pairs = [tuple(map(list, zip(*group))) for group in groups if group]
-
-    def __call__(self, images, labels):
-        size = len(labels)
-        if size not in self.inputs:
-            self.inputs[size] = (torch.empty_like(images), torch.empty_like(labels))
-        static_images, static_labels = self.inputs[size]
-        static_images.copy_(images)
-        static_labels.copy_(labels)
-        self.lr.fill_(self.group["lr"])
-        self.momentum.fill_(self.group["momentum"])
-        if self.capture and size not in self.graphs:
-            self.graphs[size] = self.capture_graph(static_images, static_labels)
-        if self.capture:
-            self.graphs[size].replay()
-        else:
-            self.step(static_images, static_labels)
-        self.scheduler.step()
-
-    def step(self, images, labels):
-        self.model.zero_grad(set_to_none=True)
-        log_probs = self.model(images)
-        loss = F.cross_entropy(log_probs, labels, label_smoothing=self.label_smoothing)
-        loss.backward()
-        with torch.no_grad():
-            grads = [param.grad for param in self.params]
-            if self.weight_decay:
-                torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
-            if self.uses_momentum:
-                torch._foreach_mul_(self.momentum_buffers, self.momentum)
-                torch._foreach_add_(self.momentum_buffers, grads)
-                if self.nesterov:
-                    torch._foreach_add_(grads, torch._foreach_mul(self.momentum_buffers, self.momentum))
-                else:
-                    grads = self.momentum_buffers
-            torch._foreach_add_(self.params, torch._foreach_mul(grads, -self.lr))
-            if self.averaged is not None:
-                self.update_average()
-            count(self.tally, loss.detach(), log_probs.detach(), labels)
-
-    def update_average(self):
-        # AveragedModel.update_parameters without its Python branch on n_averaged, which a graph cannot
-        # hold: average_of() made the first, copying call, so every later call averages.
-        for mine, theirs in self.average_pairs:
-            self.averaged.multi_avg_fn(mine, theirs, self.averaged.n_averaged)
-        self.averaged.n_averaged += 1
-
-    def capture_graph(self, images, labels):
-        """Capture one step on these input buffers, following PyTorch's documented whole-network capture:
-        a few warm-up steps on a side stream, then the capture. Both run the step for real, so every
-        tensor they change (weights, statistics, buffers, the tally, the random state) is put back."""
-        device = images.device
-        state = [*self.model.state_dict().values(), *self.momentum_buffers, self.tally]
-        if self.averaged is not None:
-            state += [*self.averaged.state_dict().values()]
-        saved, rng = [tensor.clone() for tensor in state], torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.step(images, labels)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.model.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self.step(images, labels)
-        with torch.no_grad():
-            for tensor, before in zip(state, saved):
-                tensor.copy_(before)
-        torch.cuda.set_rng_state(rng, device)
-        return graph
-
-
-@torch.inference_mode()
-def evaluate(model, loader, *, max_batches=None, progress=False):
-    """{"loss": mean NLL over all images, "acc": percent correct, "predictions": int64 CPU tensor}."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    predictions, labels_seen = [], []
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for images, labels in tqdm(itertools.islice(loader, total), total=total, desc="test", leave=False,
-                               disable=not progress):
-        log_probs = model(images)
-        loss_sum += F.nll_loss(log_probs.float(), labels, reduction="sum").double()
-        predictions.append(log_probs.argmax(dim=1))
-        labels_seen.append(labels)
-    predictions, labels = torch.cat(predictions), torch.cat(labels_seen)
-    return {"loss": loss_sum.item() / len(labels),
-            "acc": 100 * (predictions == labels).sum().item() / len(labels),
-            "predictions": predictions.cpu()}
-
-
-def format_epoch(row):
-    return (f"epoch {row['epoch']:2d}  lr {row['lr']:.4f}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
-            f"{row['seconds']:.1f}s")
+    return StaticStep(model, optimizer, scheduler, config, averaged, capture=config.step == "graph")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,10 +273,12 @@ def read_checkpoint(path):
 def settings_changes(saved, config):
     """The settings of ``config`` that differ from a run's ``saved`` ones, as 'name old -> new' strings.
     A setting added after the run was saved counts as its default."""
-    return [f"{spec.name} {saved.get(spec.name, default_setting(spec.name))!r} -> {getattr(config, spec.name)!r}"
-            for spec in fields(config)
-            if spec.name not in RESUMABLE_CHANGES
-            and saved.get(spec.name, default_setting(spec.name)) != getattr(config, spec.name)]
+    changes = []
+    for spec in fields(config):
+        old, new = saved.get(spec.name, default_setting(spec.name)), getattr(config, spec.name)
+        if spec.name not in RESUMABLE_CHANGES and old != new:
+            changes.append(f"{spec.name} {old!r} -> {new!r}")
+    return changes
 
 
 def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, averaged=None):
@@ -548,7 +304,7 @@ def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices, reproducibility and what a run ran on
+# Device and runtime
 
 
 def pick_device(name="auto"):
@@ -629,7 +385,8 @@ def git_state():
     here = Path(__file__).resolve().parent
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True)
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True)
 
     try:
         commit = git("rev-parse", "HEAD").stdout.strip()
@@ -652,12 +409,13 @@ def cpu_name():
 
 
 # ---------------------------------------------------------------------------------------------
-# Results
+# Plots and results
 
 
 def confusion_matrix(predictions, labels, classes=10):
     """counts[true, predicted] as an int64 (classes, classes) tensor."""
-    return torch.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
+    counts = torch.bincount(labels * classes + predictions, minlength=classes * classes)
+    return counts.reshape(classes, classes)
 
 
 def plot_history(history):

@@ -12,28 +12,19 @@ import torch
 import torchvision
 
 import train
+from config import NonFiniteLossError, TrainConfig
+from conftest import CPU, DATA_DIR, ROOT, SMALL_FLAGS, cli, without_timings
 from data import make_loaders
 from model import Net
-from utils import NonFiniteLossError, TrainConfig, fit, pick_device, read_checkpoint
-
-CPU = torch.device("cpu")
-DATA_DIR = TrainConfig().data_dir
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--train-limit", "600", "--test-limit", "300", "--batch-size", "100", "--quiet"]
-
-
-def cli(capsys, *args):
-    code = train.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from utils import fit, pick_device, read_checkpoint
 
 
 def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
-    code, out, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
+    code, _, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
     assert code == 0, err
-    assert "epoch  1" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["model"] == "Net" and metrics["seed"] == 0 and metrics["device"] == str(pick_device("auto"))
+    assert metrics["model"] == "Net" and metrics["seed"] == 0
+    assert metrics["device"] == str(pick_device("auto"))
     assert metrics["params"] == sum(p.numel() for p in Net().parameters())
     assert metrics["layers"] == repr(Net())
     assert len(metrics["epochs"]) == 1
@@ -62,15 +53,15 @@ def test_every_setting_has_its_flag_with_help_and_default(capsys):
 
 
 def test_limits_and_flags_reach_the_run(tmp_path, capsys):
-    code, out, err = cli(capsys, *SMALL, "--epochs", 2, "--model", "NetCompact", "--seed", 4, "--lr", 0.05,
-                         "--out", tmp_path)
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4,
+                       "--lr", 0.05, "--out", tmp_path)
     assert code == 0, err
-    assert out.count("\nepoch ") + out.startswith("epoch ") == 2
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3
     assert metrics["model"] == "NetCompact" and metrics["seed"] == 4
-    assert metrics["config"]["lr"] == 0.05 and metrics["config"]["test_limit"] == 300
+    assert metrics["config"]["lr"] == 0.05 and metrics["config"]["test_limit"] == 500
     for row in metrics["epochs"]:
-        assert row["test_acc"] * 3 == pytest.approx(round(row["test_acc"] * 3))  # a count out of 300
+        assert row["test_acc"] * 5 == pytest.approx(round(row["test_acc"] * 5))  # a count out of 500
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -111,18 +102,18 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, ca
 
 
 def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
-    assert cli(capsys, *SMALL, "--epochs", 2, "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path)[0] == 0
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
     truncated = checkpoint.read_bytes()
-    code, _, err = cli(capsys, *SMALL, "--epochs", 3, "--out", tmp_path, "--resume")
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", tmp_path, "--resume")
     assert code == 2 and err.count("\n") == 1 and "unreadable" in err and "truncated" in err
     assert checkpoint.read_bytes() == truncated
 
 
 def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
-    assert cli(capsys, *SMALL, "--epochs", 2, "--model", "NetCompact", "--out", tmp_path)[0] == 0
-    code, _, err = cli(capsys, *SMALL, "--epochs", 2, "--model", "Net", "--out", tmp_path, "--resume")
+    assert cli(capsys, *SMALL_FLAGS, "--model", "NetCompact", "--out", tmp_path)[0] == 0
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--model", "Net", "--out", tmp_path, "--resume")
     assert code == 2 and "model 'NetCompact' -> 'Net'" in err
     code, _, err = cli(capsys, "--lr", 0.3, "--out", tmp_path, "--resume")
     assert code == 2 and "lr 0.2 -> 0.3" in err
@@ -132,15 +123,11 @@ def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
 
 
 def test_a_finished_run_resumes_to_the_same_result(tmp_path, capsys):
-    assert cli(capsys, *SMALL, "--epochs", 2, "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path)[0] == 0
     first = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
-    code, out, _ = cli(capsys, "--out", tmp_path, "--resume", "--quiet")
-    assert code == 0 and "resumed" in out and "epoch " not in out.replace("after epoch", "")
+    assert cli(capsys, "--out", tmp_path, "--resume", "--quiet")[0] == 0
+    # Timings included: nothing was trained again.
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == first
-
-
-def without_timings(history):
-    return [{key: value for key, value in row.items() if "seconds" not in key} for row in history]
 
 
 @pytest.mark.slow  # two real runs of three epochs: about 18 s
@@ -148,24 +135,24 @@ def test_run_killed_at_any_moment_resumes_to_identical_weights_and_history(tmp_p
     args = [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, "--epochs", "3", "--seed", "3",
             "--train-limit", "8000", "--test-limit", "1000", "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([*args, "--out", tmp_path / "whole"], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([*args, "--out", tmp_path / "whole"], check=True, env=env, capture_output=True,
+                   timeout=300)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*args, "--out", killed], env=env, stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch  1"):
-            time.sleep(0.3)  # well into epoch 2, which takes about a second
-            break
+    process = subprocess.Popen([*args, "--out", killed], env=env, stdout=subprocess.DEVNULL)
+    while not (killed / "checkpoint.pt").exists():  # epoch 1 has ended
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.3)  # well into epoch 2, which takes about a second
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "metrics.json").exists()
     assert read_checkpoint(killed / "checkpoint.pt")["epoch"] in (1, 2)
 
-    resumed = subprocess.run([*args[:2], "--out", killed, "--resume", "--quiet"], env=env, capture_output=True,
-                             text=True, timeout=300, check=False)
+    resumed = subprocess.run([*args[:2], "--out", killed, "--resume", "--quiet"], env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
     whole, again = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("whole", "killed"))
     assert without_timings(again["epochs"]) == without_timings(whole["epochs"])
     for (name, a), b in zip(torch.load(tmp_path / "whole" / "model.pt").items(),
@@ -199,11 +186,12 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpo
     assert "\n" not in str(caught.value)
     state = read_checkpoint(checkpoint)
     assert state["epoch"] == 1
-    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values()
+               if tensor.is_floating_point())
 
 
 def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
-    code, out, err = cli(capsys, *SMALL, "--epochs", 2, "--seeds", "0-2", "--out", tmp_path)
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--seeds", "0-2", "--out", tmp_path)
     assert code == 0, err
     summary = json.loads((tmp_path / "seeds.json").read_text())
     histories = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["epochs"] for s in range(3)]
@@ -214,8 +202,6 @@ def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
     assert summary["mean"] == pytest.approx(sum(finals) / 3)
     assert summary["min"] == min(finals)
     assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())
-    assert "mean" in out
-
 
 
 def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):

@@ -15,28 +15,11 @@ import torch
 import data
 import train
 import utils
-from data import MNIST_FILES, load_mnist
+from config import DataError, NonFiniteLossError, TrainConfig
+from conftest import DATA_DIR, ROOT, SMALL_FLAGS, cli, refused
+from data import load_mnist
 from model import Net, NetCompact
-from utils import DataError, NonFiniteLossError, TrainConfig, fit, read_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = TrainConfig().data_dir
-SMALL = ["--train-limit", "500", "--test-limit", "200", "--batch-size", "100", "--quiet"]
-
-
-def cli(capsys, *args):
-    code = train.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(capsys, *args, words):
-    """Run the CLI; check it refused with exit code 2 and one line holding ``words``."""
-    code, _, err = cli(capsys, *args)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert words in err, err
-    return err
-
+from utils import fit, read_checkpoint
 
 # --- the output folder ------------------------------------------------------------------------
 
@@ -59,61 +42,68 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(Path, "mkdir", unwritable)
     monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("training started"))
-    refused(capsys, "--out", tmp_path / "run", words=f"cannot be used ({words}): choose a folder you can write")
+    refused(capsys, "--out", tmp_path / "run",
+            words=f"cannot be used ({words}): choose a folder you can write")
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
     holder = train.open_run_folder(tmp_path)  # as a running train.py holds it
     try:
-        refused(capsys, *SMALL, "--dry-run", "--out", tmp_path, words=f"another run (pid {os.getpid()}) is writing")
+        refused(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path,
+                words=f"another run (pid {os.getpid()}) is writing")
     finally:
         holder.close()
-    assert cli(capsys, *SMALL, "--dry-run", "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
 
 
 def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(tmp_path, capsys):
-    assert cli(capsys, *SMALL, "--dry-run", "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
     (tmp_path / "checkpoint.pt").unlink()  # a finished run whose checkpoint was cleaned away
     before = {name: (tmp_path / name).read_bytes() for name in ("metrics.json", "model.pt")}
-    refused(capsys, *SMALL, "--dry-run", "--out", tmp_path, words="already holds a finished run (metrics.json)")
-    refused(capsys, *SMALL, "--dry-run", "--out", tmp_path, "--resume", words="no checkpoint.pt to continue")
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path,
+            words="already holds a finished run (metrics.json)")
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path, "--resume",
+            words="no checkpoint.pt to continue")
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    code, _, err = cli(capsys, *SMALL, "--dry-run", "--seed", 1, "--out", tmp_path, "--overwrite")
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--dry-run", "--seed", 1, "--out", tmp_path, "--overwrite")
     assert code == 0, err
     assert json.loads((tmp_path / "metrics.json").read_text())["seed"] == 1
 
 
-def test_resume_after_a_run_died_before_its_first_checkpoint_keeps_its_settings(tmp_path, capsys, monkeypatch):
+def test_resume_after_a_run_died_before_its_first_checkpoint_keeps_its_settings(tmp_path, capsys,
+                                                                                  monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
         patch.setattr(utils, "train_epoch", interrupted)
-        code, _, err = cli(capsys, *SMALL, "--epochs", 2, "--lr", 0.05, "--seed", 3, "--out", tmp_path)
+        code, _, err = cli(capsys, *SMALL_FLAGS, "--lr", 0.05, "--seed", 3, "--out", tmp_path)
     assert code == 130 and "no epoch had finished" in err and "--resume starts the run again" in err
     assert not (tmp_path / "checkpoint.pt").exists()
     code, _, err = cli(capsys, "--out", tmp_path, "--resume", "--quiet")
     assert code == 0, err
     config = json.loads((tmp_path / "metrics.json").read_text())["config"]
-    assert (config["lr"], config["seed"], config["epochs"], config["train_limit"]) == (0.05, 3, 2, 500)
+    assert (config["lr"], config["seed"], config["epochs"], config["train_limit"]) == (0.05, 3, 2, 1000)
     refused(capsys, "--out", tmp_path, "--resume", "--lr", 0.3, words="lr 0.05 -> 0.3")
 
 
 def test_interrupt_after_an_epoch_says_the_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
-    def stop_at_epoch_2(line):
-        if line.startswith("epoch  1"):
-            raise KeyboardInterrupt
-        print(line)
+    original, epochs_begun = utils.train_epoch, []
 
-    original = train.fit
-    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: original(*args, **{**kwargs, "log": stop_at_epoch_2}))
-    code, _, err = cli(capsys, *SMALL, "--epochs", 2, "--out", tmp_path)
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        epochs_begun.append(1)
+        if len(epochs_begun) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path)
     assert code == 130 and "the checkpoint of the last finished epoch is kept" in err
     assert read_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
 def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
-    assert cli(capsys, *SMALL, "--epochs", 3, "--out", tmp_path / "whole")[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", tmp_path / "whole")[0] == 0
     save, saves = torch.save, []
 
     def disk_fills_at_the_second_checkpoint(state, file):
@@ -126,17 +116,19 @@ def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_pa
     full = tmp_path / "full"
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", disk_fills_at_the_second_checkpoint)
-        refused(capsys, *SMALL, "--epochs", 3, "--out", full, words="(No space left on device): free some space")
+        refused(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", full,
+                words="(No space left on device): free some space")
     assert read_checkpoint(full / "checkpoint.pt")["epoch"] == 1
     assert sorted(path.name for path in full.iterdir()) == [".lock", "checkpoint.pt", "config.json"]
     assert cli(capsys, "--out", full, "--resume", "--quiet")[0] == 0
-    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text())["epochs"] for run in ("whole", "full"))
+    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text())["epochs"]
+                    for run in ("whole", "full"))
     assert [row["test_loss"] for row in again] == [row["test_loss"] for row in whole]
 
 
 def test_temporary_files_of_a_killed_write_are_cleaned_up(tmp_path, capsys):
     (tmp_path / ".checkpoint.pt.k2j4.tmp").write_bytes(b"half a checkpoint")
-    assert cli(capsys, *SMALL, "--dry-run", "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -147,7 +139,7 @@ def test_temporary_files_of_a_killed_write_are_cleaned_up(tmp_path, capsys):
     (lambda state: state["config"].update(depth=3), "has unknown settings depth"),
 ])
 def test_a_checkpoint_missing_a_part_or_with_unknown_settings_is_refused(tmp_path, capsys, change, words):
-    assert cli(capsys, *SMALL, "--dry-run", "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
     (tmp_path / "metrics.json").unlink()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     change(state)
@@ -166,7 +158,8 @@ def test_weights_of_another_model_get_one_line_naming_the_right_class():
 @pytest.mark.parametrize(("images", "words"), [
     (torch.full((2, 1, 28, 28), float("nan")), "NaN or infinite"),
     (torch.full((1, 28, 28), float("inf")), "NaN or infinite"),
-    (torch.randint(0, 256, (3, 1, 28, 28)).float(), "normalise 0-255 pixels with (x / 255 - 0.1307) / 0.3081"),
+    (torch.randint(0, 256, (3, 1, 28, 28)).float(),
+     "normalise 0-255 pixels with (x / 255 - 0.1307) / 0.3081"),
 ])
 def test_predict_refuses_images_that_would_give_a_meaningless_answer(images, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("/", r"\/")):
@@ -177,22 +170,13 @@ def test_a_non_finite_loss_says_no_checkpoint_exists_when_none_does(tmp_path):
     config = TrainConfig(train_limit=300, test_limit=100, batch_size=100, epochs=1, lr=1e30)
     loaders = data.make_loaders(config, torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match="no epoch had finished, so there is no checkpoint yet"):
-        fit(Net(), *loaders, config, checkpoint=tmp_path / "checkpoint.pt", progress=False, log=lambda line: None)
+        fit(Net(), *loaders, config, checkpoint=tmp_path / "checkpoint.pt", progress=False,
+            log=lambda line: None)
     with pytest.raises(NonFiniteLossError, match="nothing was saved"):
         fit(Net(), *loaders, config, progress=False, log=lambda line: None)
 
 
 # --- data files -------------------------------------------------------------------------------
-
-@pytest.fixture
-def raw_copy(tmp_path):
-    """A data folder holding links to the genuine files, one of which a test may replace."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in MNIST_FILES:
-        (raw / name).symlink_to(Path(DATA_DIR, "MNIST", "raw", name).resolve())
-    return raw
-
 
 def replace(raw, name, change):
     genuine = (raw / name).read_bytes()
@@ -202,7 +186,8 @@ def replace(raw, name, change):
 
 def test_labels_outside_0_to_9_are_refused_before_training(raw_copy):
     replace(raw_copy, "t10k-labels-idx1-ubyte", lambda genuine: genuine[:8] + bytes([10]) + genuine[9:])
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte holds label values outside 0-9 \(from 0 to 10\)"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte holds label values outside 0-9 \(from 0 to "
+                                        r"10\)"):
         load_mnist(raw_copy.parent.parent, train=False)
 
 
@@ -210,7 +195,8 @@ def test_a_header_with_wrong_dimensions_is_named_not_called_a_failed_download(ra
     # The same size and magic number, but a header that says 28 x 28 x 10,000.
     replace(raw_copy, "t10k-images-idx3-ubyte", lambda genuine: genuine[:4] + (28).to_bytes(4, "big")
             + (28).to_bytes(4, "big") + (10_000).to_bytes(4, "big") + genuine[16:])
-    with pytest.raises(DataError, match=r"has an IDX header of 28 x 28 x 10,000, expected 10,000 x 28 x 28") as caught:
+    words = r"has an IDX header of 28 x 28 x 10,000, expected 10,000 x 28 x 28"
+    with pytest.raises(DataError, match=words) as caught:
         load_mnist(raw_copy.parent.parent, train=False)
     assert "download" not in str(caught.value).split(":")[0]
 
@@ -230,7 +216,7 @@ def test_an_unreadable_data_file_says_so(raw_copy, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(data, "open", no_permission, raising=False)  # root ignores file modes
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte cannot be read \(permission denied\): give "):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte cannot be read \(permission denied\): "):
         load_mnist(raw_copy.parent.parent, train=False)
 
 
@@ -241,7 +227,7 @@ def script(*args):
 
 
 def test_a_closed_output_pipe_stops_quietly(tmp_path):
-    process = subprocess.Popen(script(*SMALL, "--epochs", 3, "--out", tmp_path), stdout=subprocess.PIPE,
+    process = subprocess.Popen(script(*SMALL_FLAGS, "--epochs", 3, "--out", tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     process.stdout.readline()  # as `| head -1` does
     process.stdout.close()

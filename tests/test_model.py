@@ -2,16 +2,15 @@ import ast
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import config
+from conftest import ROOT
 from model import MODELS, Net, NetCompact, NetTiny
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parameters(model):
@@ -50,12 +49,25 @@ def test_the_small_models_are_depthwise_separable_after_their_full_convolutions(
     assert all(conv.groups == 1 for conv in Net().modules() if isinstance(conv, nn.Conv2d))
 
 
-def test_net_has_dropout_that_acts_in_training_only():
-    model = Net()
-    assert any(isinstance(module, nn.Dropout) and module.p > 0 for module in model.modules())
+@pytest.mark.parametrize("name", MODELS)
+def test_dropout_acts_in_training_and_not_in_evaluation(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
     x = torch.randn(8, 1, 28, 28)
     model.eval()
     assert torch.equal(model(x), model(x))
+    model.train()
+    # BatchNorm uses the batch's statistics in training mode, the same for both calls: only dropout's
+    # random masks can tell them apart.
+    assert not torch.equal(model(x), model(x))
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    assert torch.equal(model(x), model(x))
+
+
+def test_the_model_names_read_without_torch_are_the_classes_model_py_defines():
+    assert config.model_names() == tuple(MODELS) == ("Net", "NetCompact", "NetTiny")
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,6 +1,6 @@
 """Training speed, side by side in one run: the reference setup against ours.
 
-    python bench.py --data-dir ../shared/data
+    python bench.py                      # MNIST in ./data, or where MNIST_DATA or --data-dir says
 
 Each arm runs in a fresh process of its own, the two alternating for a few rounds, on the same machine:
   reference  the seed-style setup: a 15,662-parameter CNN (conv 1-8-16-32 at 28x28, max-pool, conv 32-32,
@@ -17,12 +17,14 @@ are medians over the rounds, and the ratio is the median of the rounds' ratios.
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from config import ConfigError, TrainConfig, make_config
+from config import TrainConfig, TrainingError, make_config
 from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
 from model import MODELS
 from utils import (
     average_of,
+    check_step,
     evaluate,
     keep_freed_memory,
     make_optimizer,
@@ -206,8 +209,12 @@ def run_arm(arm, config, chunk, chunks):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=TrainConfig().data_dir)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default=TrainConfig().data_dir,
+                        help="folder holding MNIST/raw, as for train.py (default: env MNIST_DATA, else "
+                        "./data)")
+    parser.add_argument("--device", default="auto",
+                        help="where both arms run: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                        "(default: auto)")
     parser.add_argument("--model", default="Net", choices=list(MODELS))
     parser.add_argument("--step", default=TrainConfig().step,
                         help="our training step: eager, static or graph "
@@ -216,22 +223,28 @@ def main(argv=None):
                         help="training images per timed chunk (default: 10000, a sixth of an epoch)")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks per arm; the median counts")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both arms (default: 3)")
-    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--arm", choices=["reference", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("images", "chunks", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()
+                                  or not os.access(args.json.parent, os.W_OK)):
+        parser.error(f"--json {args.json} cannot be written: name a file in a folder you can write to")
     try:
         config = make_config(data_dir=args.data_dir, device=args.device, model=args.model, step=args.step)
-    except ConfigError as error:
-        parser.error(str(error))
-    if args.arm:
-        batch_size = 128 if args.arm == "reference" else config.batch_size
-        print(json.dumps(run_arm(args.arm, config, max(1, args.images // batch_size), args.chunks)))
-        return 0
-
-    device = pick_device(args.device)
+        if args.arm:
+            batch_size = 128 if args.arm == "reference" else config.batch_size
+            print(json.dumps(run_arm(args.arm, config, max(1, args.images // batch_size), args.chunks)))
+            return 0
+        # Checked here once, so that a mistake stops at once and not in every arm's process.
+        device = pick_device(args.device)
+        check_step(config.step, device)
+        load_mnist(config.data_dir, train=False)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # The arms alternate, round after round, so that a machine whose speed drifts (a shared virtual
     # machine does) weighs on both alike; each round's ratio compares neighbouring runs.
     rounds = []

@@ -9,9 +9,12 @@ before it loads torch (seconds). The model names are read from model.py's source
 import ast
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from pathlib import Path
+
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # the MNIST splits
 
 # ---------------------------------------------------------------------------------------------
 # Errors: each message says what is wrong and what to do
@@ -98,18 +101,19 @@ class TrainConfig:
     seed: int = setting(0, "random seed (weights, shuffling, augmentation, dropout)")
     pipeline: str = setting("tensor", "tensor: dataset on the device, batched augmentation; "
                                       "torchvision: the classic DataLoader (the reference)")
-    # Read when a config is made, so that setting MNIST_DATA in a notebook takes effect.
-    data_dir: str = field(default_factory=lambda: os.environ.get("MNIST_DATA", "./data"),
-                          metadata={"help": "folder holding MNIST/raw; downloaded there when missing "
-                                            "(default: env MNIST_DATA, else ./data)"})
+    # Read when a config is made, so that setting MNIST_DATA in a notebook takes effect. Empty is unset.
+    data_dir: str = field(default_factory=lambda: os.environ.get("MNIST_DATA") or "./data",
+                          metadata={"help": "folder holding MNIST/raw (or that folder itself, or MNIST/); "
+                                            "downloaded there when missing (default: env MNIST_DATA, else "
+                                            "./data)"})
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     step: str = setting("eager", "training step: eager (torch.optim, op by op), static (the same as fixed "
                                  "tensors and tensor ops) or graph (static, captured in a CUDA graph; CUDA "
                                  "only)")
     deterministic: bool = setting(True, "on CUDA, deterministic kernels: one seed, one result (the CPU's "
                                         "kernels are deterministic already)")
-    train_limit: int = setting(0, "train on the first N images only (0: all)")
-    test_limit: int = setting(0, "test on the first N images only (0: all)")
+    train_limit: int = setting(0, f"train on the first N of the {TRAIN_IMAGES:,} images only (0: all)")
+    test_limit: int = setting(0, f"test on the first N of the {TEST_IMAGES:,} images only (0: all)")
     dry_run: bool = setting(False, "a smoke test: one epoch on at most two batches of training and of test "
                                    "images (sets --epochs and the limits)")
 
@@ -139,8 +143,15 @@ class TrainConfig:
              f"unknown step {self.step!r}: choose eager, static or graph"),
             (self.pipeline in ("tensor", "torchvision"),
              f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
-            (self.train_limit >= 0, f"train limit must be >= 0 (0 means all), got {self.train_limit}"),
-            (self.test_limit >= 0, f"test limit must be >= 0 (0 means all), got {self.test_limit}"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
+            (0 <= self.train_limit <= TRAIN_IMAGES,
+             f"train limit must be from 0 (all) to {TRAIN_IMAGES:,}, got {self.train_limit}"),
+            (0 <= self.test_limit <= TEST_IMAGES,
+             f"test limit must be from 0 (all) to {TEST_IMAGES:,}, got {self.test_limit}"),
+            (self.data_dir.strip() != "",
+             "data dir is empty: name the folder holding MNIST, or leave it out for ./data"),
+            (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+             f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N or mps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -178,6 +189,29 @@ RECIPES = {
 def make_config(recipe=None, **settings):
     """A TrainConfig of the named recipe (default: the recipe of ``settings["model"]``, else Net's),
     with ``settings`` on top."""
-    if recipe is not None and recipe not in RECIPES:
+    if recipe is not None and (not isinstance(recipe, str) or recipe not in RECIPES):
         raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES.get(recipe or settings.get("model", "Net"), {}), **settings})
+    if unknown := sorted(set(settings) - TrainConfig.__dataclass_fields__.keys(), key=str):
+        raise ConfigError(f"unknown setting(s) {', '.join(map(repr, unknown))}: the settings are "
+                          f"{', '.join(TrainConfig.__dataclass_fields__)}")
+    model = settings.get("model", "Net")
+    base = RECIPES.get(recipe or (model if isinstance(model, str) else "Net"), {})
+    return TrainConfig(**{**base, **settings})
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which settings a resumed run may change
+
+# Settings that may differ between a run and its resumption: where data lives and what runs it.
+RESUMABLE_CHANGES = {"data_dir", "device"}
+
+
+def settings_changes(saved, config):
+    """The settings of ``config`` that differ from a run's ``saved`` ones, as 'name old -> new' strings.
+    A setting added after the run was saved counts as its default."""
+    changes = []
+    for spec in fields(config):
+        old, new = saved.get(spec.name, default_setting(spec.name)), getattr(config, spec.name)
+        if spec.name not in RESUMABLE_CHANGES and old != new:
+            changes.append(f"{spec.name} {old!r} -> {new!r}")
+    return changes

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from config import DataError
+from config import TEST_IMAGES, TRAIN_IMAGES, DataError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -109,15 +109,15 @@ def torchvision_loader(config, device, train, limit):
     from torchvision import transforms
 
     steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    root = mnist_root(config.data_dir)
     plain = torch.utils.data.Subset(
-        torchvision.datasets.MNIST(config.data_dir, train=train, transform=transforms.Compose(steps)),
-        range(limit))
+        torchvision.datasets.MNIST(root, train=train, transform=transforms.Compose(steps)), range(limit))
     dataset = plain
     if train and (config.rotate or config.shift or config.scale):
         affine = transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
                                          scale=(1 - config.scale, 1 + config.scale))
         dataset = torch.utils.data.Subset(torchvision.datasets.MNIST(
-            config.data_dir, train=train, transform=transforms.Compose([affine, *steps])), range(limit))
+            root, train=train, transform=transforms.Compose([affine, *steps])), range(limit))
     return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed, plain=plain)
 
 
@@ -155,22 +155,35 @@ class DeviceDataLoader:
 
 # name: (IDX magic number, the header's dimensions)
 MNIST_FILES = {
-    "train-images-idx3-ubyte": (2051, (60_000, 28, 28)),
-    "train-labels-idx1-ubyte": (2049, (60_000,)),
-    "t10k-images-idx3-ubyte": (2051, (10_000, 28, 28)),
-    "t10k-labels-idx1-ubyte": (2049, (10_000,)),
+    "train-images-idx3-ubyte": (2051, (TRAIN_IMAGES, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (TRAIN_IMAGES,)),
+    "t10k-images-idx3-ubyte": (2051, (TEST_IMAGES, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (TEST_IMAGES,)),
 }
 REMEDY = ("delete it so that it is downloaded again, or point --data-dir (MNIST_DATA) at a folder holding "
           "MNIST/raw with the genuine files")
 
 
+def mnist_root(folder):
+    """The folder torchvision reads MNIST from (the one holding MNIST/raw), for a ``folder`` given as
+    that folder, as its MNIST/ or as MNIST/raw/ itself."""
+    path = Path(folder)
+    if path.name == "raw" and path.parent.name == "MNIST":
+        return path.parent.parent
+    if path.name == "MNIST" and not (path / "MNIST").is_dir():
+        return path.parent
+    return path
+
+
 def load_mnist(root, train, download=True):
     """(images uint8 (N, 28, 28), labels int64 (N,)) of one MNIST split, read through torchvision.
 
-    Looks in ``root/MNIST/raw``, downloading there when files are missing and ``download`` is set.
+    Looks in ``root/MNIST/raw`` (``root`` may also name that folder or its MNIST parent), downloading
+    there when files are missing and ``download`` is set.
     Raises DataError, saying what to do, for missing, undownloadable, unreadable or foreign files.
     """
-    raw = Path(root) / "MNIST" / "raw"
+    root = mnist_root(root)
+    raw = root / "MNIST" / "raw"
     for name in MNIST_FILES:
         if (raw / name).exists() and (problem := mnist_file_problem(raw / name)):
             raise DataError(f"MNIST file {raw / name} {problem}")
@@ -184,7 +197,7 @@ def load_mnist(root, train, download=True):
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)
     except (RuntimeError, OSError, ValueError, AssertionError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise DataError(f"MNIST in {raw} could not be read ({reason[:200]}): {REMEDY}") from None
+        raise DataError(f"MNIST in {raw} could not be read ({reason}): {REMEDY}") from None
     labels = dataset.targets
     if labels.min() < 0 or labels.max() > 9:
         name = "train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte"
@@ -236,7 +249,9 @@ def download_mnist(root, missing):
         if isinstance(error, PermissionError):
             raise DataError(f"MNIST is missing from {raw} and cannot be downloaded there (permission "
                             "denied): point --data-dir (MNIST_DATA) at a folder you can write to") from None
-        reason = " ".join(str(error).split()) or type(error).__name__
+        # torchvision lists every mirror it tried; the last line holds the last mirror's answer.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(error).__name__
         raise DataError(f"{missing_files(missing)} missing from {raw} and the download failed "
-                        f"({reason[:200]}): connect to the internet, or point --data-dir (MNIST_DATA) at a "
+                        f"({reason}): connect to the internet, or point --data-dir (MNIST_DATA) at a "
                         "folder holding MNIST/raw") from None

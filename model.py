@@ -10,7 +10,10 @@ from torch import nn
 
 
 class CompactCNN(nn.Module):
-    """Stages of 3x3 conv-BN-ReLU separated by 2x2 max-pools, then global average pooling and a 1x1
+    """In: normalised images (N, 1, 28, 28), float. Out: log-probabilities (N, 10); ``.exp()`` gives the
+    class probabilities, ``predict`` the digits.
+
+    Stages of 3x3 conv-BN-ReLU separated by 2x2 max-pools, then global average pooling and a 1x1
     convolution to the 10 classes (the parameters of a linear layer, for rubrics that forbid one).
 
     ``stages`` lists the output channels of each stage's convolutions: the first stage runs at 28x28,
@@ -49,8 +52,24 @@ class CompactCNN(nn.Module):
         return F.log_softmax(self.classifier(x).flatten(1), dim=1)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """As nn.Module's, but weights of another model get a one-line ValueError naming the class
-        they fit, instead of a list of every mismatched tensor."""
+        """As nn.Module's, and more forgiving of what a user may hand it: the state dict of a weight
+        average (an AveragedModel's, as checkpoint.pt keeps it) loads as the weights it averages; anything
+        else that does not fit gets a one-line ValueError saying what it is and what to load instead of a
+        list of every mismatched tensor."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"expected a state dict (a dict of tensors, as model.pt holds), got "
+                             f"{type(state_dict).__name__}")
+        if {"config", "model", "history"} <= state_dict.keys():
+            raise ValueError("this is a training checkpoint (checkpoint.pt), not weights: load model.pt, or "
+                             "the checkpoint's ['model'] entry")
+        if "n_averaged" in state_dict and all(key.startswith("module.") for key in state_dict
+                                              if key != "n_averaged"):
+            state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()
+                          if key != "n_averaged"}
+        if foreign := [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]:
+            what = type(state_dict[foreign[0]]).__name__
+            raise ValueError(f"these are not weights: {foreign[0]!r} holds a {what}, where a state dict "
+                             "holds tensors (load model.pt)")
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError:
@@ -63,10 +82,12 @@ class CompactCNN(nn.Module):
 
     @torch.inference_mode()
     def predict(self, images):
-        """Predicted digits for normalised images shaped (N, 1, 28, 28), (1, 28, 28) or (28, 28).
+        """Predicted digits (an int64 tensor (N,)) for normalised images shaped (N, 1, 28, 28),
+        (1, 28, 28) or (28, 28), in evaluation mode whatever the model's mode (which it keeps).
 
         Raises ValueError for images that would give an answer without meaning: NaN or infinite values,
-        or values far outside the normalised range (about -0.42 to 2.82), such as raw 0-255 pixels.
+        values far outside the normalised range (about -0.42 to 2.82), such as raw 0-255 pixels, and
+        images with nothing below 0, such as pixels in [0, 1] never normalised.
         """
         check_images(images, batched=False)
         if not torch.isfinite(images).all():
@@ -77,6 +98,12 @@ class CompactCNN(nn.Module):
                              "-0.42 to 2.82): normalise 0-255 pixels with (x / 255 - 0.1307) / 0.3081")
         while images.dim() < 4:
             images = images.unsqueeze(0)
+        # Normalised, an MNIST image's black background is -0.42; with no value below 0 an image holds
+        # pixels in [0, 1] that were never normalised, and the answer would mean nothing.
+        if images.numel() and (unnormalised := (images.flatten(1).amin(dim=1) >= 0).nonzero()).numel():
+            raise ValueError(f"image {unnormalised[0].item()} has no value below 0, as pixels in [0, 1] "
+                             "that were never normalised (normalised MNIST has its background at -0.42): "
+                             "normalise them with (x - 0.1307) / 0.3081")
         was_training = self.training
         self.eval()
         try:
@@ -101,7 +128,9 @@ def check_images(images, batched=True):
 
 
 class Net(CompactCNN):
-    """The default model: 16 channels at 28x28, 16-16 at 14x14, 32-32 at 7x7."""
+    """The default model, 19,130 parameters: 16 channels at 28x28, 16-16 at 14x14, 32-32 at 7x7.
+
+    In: normalised images (N, 1, 28, 28). Out: log-probabilities (N, 10) (see CompactCNN)."""
 
     def __init__(self, dropout=0.05):
         super().__init__(stages=((16,), (16, 16), (32, 32)), dropout=dropout)
@@ -110,7 +139,9 @@ class Net(CompactCNN):
 class NetCompact(CompactCNN):
     """The small model, under 8,000 parameters: a 3x3 convolution to 16 channels, then
     depthwise-separable convolutions (3x3 per channel, 1x1 across channels): 16 more at 28x28,
-    32-32 at 14x14 and 48-48 at 7x7."""
+    32-32 at 14x14 and 48-48 at 7x7.
+
+    In: normalised images (N, 1, 28, 28). Out: log-probabilities (N, 10) (see CompactCNN)."""
 
     def __init__(self, dropout=0.02):
         super().__init__(stages=((16, 16), (32, 32), (48, 48)), dropout=dropout, separable_from=0)
@@ -120,7 +151,9 @@ class NetTiny(CompactCNN):
     """Under 5,000 parameters: full 3x3 convolutions to 8 then 16 channels at 28x28, then
     depthwise-separable ones: 24-24 at 14x14 and 24-32 at 7x7. Full convolutions at 28x28 cost few
     parameters at these widths and mix channels spatially, which a per-channel filter cannot: they
-    tested better than a separable 16-16 start (RESULTS.md), and ran faster on the CPU."""
+    tested better than a separable 16-16 start (RESULTS.md), and ran faster on the CPU.
+
+    In: normalised images (N, 1, 28, 28). Out: log-probabilities (N, 10) (see CompactCNN)."""
 
     def __init__(self, dropout=0.02):
         super().__init__(stages=((8, 16), (24, 24), (24, 32)), dropout=dropout, separable_from=1)

@@ -15,8 +15,6 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError
-
 
 class StaticStep:
     """Each batch is copied into a fixed input buffer; the learning rate and the momentum are 0-dim
@@ -32,9 +30,6 @@ class StaticStep:
 
     def __init__(self, model, optimizer, scheduler, config, averaged=None, capture=False):
         device = next(model.parameters()).device
-        if capture and device.type != "cuda":
-            raise ConfigError(f"step 'graph' captures CUDA graphs, and the device is {device}: use --step "
-                              "eager or static there")
         self.model, self.scheduler, self.averaged, self.capture = model, scheduler, averaged, capture
         self.label_smoothing = config.label_smoothing
         self.group = optimizer.param_groups[0]  # the scheduler writes its lr and momentum

@@ -1,5 +1,6 @@
-"""Train a compact CNN on MNIST: one line per epoch, metrics.json and model.pt in --out.
+"""Train a compact CNN on MNIST: one line per epoch; with --out, the run's files in that folder.
 
+    python train.py --epochs 1                       # a first try: one epoch, about 98% (20 s on 2 cores)
     python train.py                                  # Net, 20 epochs, data in ./data (downloaded)
     python train.py --model NetCompact               # another model, with its measured recipe
     python train.py --out runs/net --seed 0          # checkpoint every epoch into runs/net
@@ -7,35 +8,28 @@
     python train.py --seeds 0-4 --out runs/seeds     # one run per seed and a summary (seeds.json)
 """
 
-import os
-import signal
-
-# Until main() starts nothing has been written, so Ctrl-C may end the process at once. Left to
-# Python, Ctrl-C while torch loads (seconds) ends in a traceback from deep inside an import.
-signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting: nothing was written\n"),
-                                         os._exit(130)))
-
+# Only the standard library and config.py load before the arguments are checked, so that --help and
+# mistakes are answered at once; torch and what needs it (seconds to load) come after.
 import argparse
+import functools
 import json
+import os
+import re
+import shlex
+import signal
 import statistics
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
-
-from config import RECIPES, ConfigError, TrainingError, default_setting, make_config
-from data import make_loaders
-from model import MODELS
-from utils import (
-    atomic_write,
-    fit,
-    keep_freed_memory,
-    pick_device,
-    prepare_model,
-    read_checkpoint,
-    runtime_info,
-    seed_everything,
+from config import (
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+    TrainingError,
+    default_setting,
+    make_config,
+    model_names,
     settings_changes,
 )
 
@@ -45,64 +39,116 @@ except ImportError:  # Windows: runs into one --out are not locked against each 
     fcntl = None
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "model.pt")
+SEEDS_FILE = "seeds.json"
+MAX_SEEDS = 1000
 
 
 def main(argv=None):
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     out, resume, overwrite, seeds, quiet = (args.pop(key, default) for key, default in (
         ("out", None), ("resume", False), ("overwrite", False), ("seeds", None), ("quiet", False)))
     progress = not quiet and sys.stderr.isatty()
+    writing = {"folder": None}  # the run folder being written, for the message of an interruption
     try:
+        if out is not None and not out.strip():
+            raise ConfigError("--out is empty: name the folder for the run's files")
+        out = writing["folder"] = None if out is None else Path(out)
         if resume and out is None:
             raise ConfigError("--resume needs --out DIR, the folder holding the run to continue")
         if resume and overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
         if seeds is None:
             train_once(args, out, resume=resume, overwrite=overwrite, progress=progress)
+            print(where_the_files_are(out))
             return 0
         if out is None:
             raise ConfigError("--seeds needs --out DIR to hold one folder per seed and seeds.json")
-        runs = [train_once({**args, "seed": seed}, out / f"seed{seed}", resume=resume, overwrite=overwrite,
-                           progress=progress)
-                for seed in parse_seeds(seeds)]
-        summary = summarise_seeds(runs)
-        write_json(out / "seeds.json", summary)
-        print(f"final test accuracy over seeds {seeds}: mean {summary['mean']:.3f}%  "
-              f"std {summary['std']:.3f}  min {summary['min']:.2f}%  max {summary['max']:.2f}%")
+        plan = [({**args, "seed": seed}, out / f"seed{seed}") for seed in parse_seeds(seeds)]
+        check_seed_request(out, plan, resume=resume, overwrite=overwrite)
+        for index, (given, folder) in enumerate(plan):
+            writing["folder"] = folder
+            # With --overwrite the old summary goes once the first seed is known to start.
+            starting = None
+            if overwrite and not index:
+                starting = functools.partial((out / SEEDS_FILE).unlink, missing_ok=True)
+            train_once(given, folder, resume=resume, overwrite=overwrite, progress=progress,
+                       starting=starting)
+            summary = summarise_seeds(finished_seed_runs(out))
+            write_json(out / SEEDS_FILE, summary)
+        print(f"final test accuracy over seeds {format_seeds(summary['seeds'])}: mean "
+              f"{summary['mean']:.3f}%  std {summary['std']:.3f}  min {summary['min']:.2f}%  "
+              f"max {summary['max']:.2f}%")
+        print(f"runs in {out}/seed<N>/ (metrics.json, model.pt), their summary in {out / SEEDS_FILE}")
         return 0
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: {what_is_kept(out)}", file=sys.stderr)
+        print(f"interrupted: {what_is_kept(writing['folder'], argv, seeds)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of the output (such as head) has gone; further prints would fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"stopped: the output pipe was closed; {what_is_kept(out)}", file=sys.stderr)
+        print(f"stopped: the output pipe was closed; {what_is_kept(writing['folder'], argv, seeds)}",
+              file=sys.stderr)
         return 141
 
 
-def train_once(given, out=None, *, resume=False, overwrite=False, progress=True):
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def train_once(given, out=None, *, resume=False, overwrite=False, progress=True, starting=None):
     """Train one model with the ``given`` settings (TrainConfig fields and ``recipe``; those not given
     come from the recipe, or with ``resume`` from the run in ``out``). With ``out``, the run's settings,
-    a checkpoint every epoch, metrics.json and model.pt go there. Returns the metrics dict."""
-    make_config(**given)  # impossible settings are refused before anything is touched
-    lock = None if out is None else open_run_folder(out)  # so are problems with --out
+    a checkpoint every epoch, metrics.json and model.pt go there. Returns the metrics dict.
+
+    Settings, device, data and ``out`` are all checked before anything is written; ``overwrite``
+    removes the old run's files only then, and ``starting()``, if given, is called at that moment.
+    """
+    settings = run_settings(out, given, resume=resume, overwrite=overwrite)  # refused before torch loads
+    config = make_config(**settings)
+    if out is not None and resume and (out / "metrics.json").exists():
+        metrics = read_json(out / "metrics.json")
+        print(f"the run in {out} is finished ({len(metrics['epochs'])} epochs, final test accuracy "
+              f"{metrics['epochs'][-1]['test_acc']:.2f}%): nothing left to do")
+        return metrics
+
+    import torch
+
+    from data import make_loaders
+    from model import MODELS
+    from utils import (
+        atomic_write,
+        check_step,
+        fit,
+        keep_freed_memory,
+        pick_device,
+        prepare_model,
+        runtime_info,
+        seed_everything,
+    )
+
+    device = pick_device(config.device)
+    check_step(config.step, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    seed_everything(config.seed, device, config.deterministic)
+    model = prepare_model(MODELS[config.model](), device)
+    params = sum(p.numel() for p in model.parameters())
+    train_loader, test_loader = make_loaders(config, device)
+    lock = None if out is None else open_run_folder(out)  # the first thing written
     try:
+        if out is not None and overwrite:
+            remove_run(out)
+        if starting is not None:
+            starting()
+        started_writing()
         if out is not None:
-            given = settings_for(out, given, resume=resume, overwrite=overwrite)
-        config = make_config(**given)
-        if out is not None:
+            if resume and not (out / "config.json").exists() and not (out / "checkpoint.pt").exists():
+                print(f"no run in {out} yet: starting from scratch", file=sys.stderr)
             write_json(out / "config.json", asdict(config))
-        device = pick_device(config.device)
-        if device.type == "cpu":
-            keep_freed_memory()
-        seed_everything(config.seed, device, config.deterministic)
-        model = prepare_model(MODELS[config.model](), device)
-        params = sum(p.numel() for p in model.parameters())
-        train_loader, test_loader = make_loaders(config, device)
         print(f"{config.model}: {params:,} parameters, seed {config.seed}, device {device}, "
               f"{config.pipeline} pipeline")
         checkpoint = None if out is None else out / "checkpoint.pt"
@@ -119,6 +165,76 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
     finally:
         if lock is not None:
             lock.close()
+
+
+def run_settings(out, given, *, resume=False, overwrite=False):
+    """The settings a run into ``out`` trains with: ``given`` for a new run; with ``resume``, the saved
+    run's settings with ``given`` on top. Reads ``out``, never writes it. ConfigError for impossible
+    settings, an unusable ``out``, and any request that would lose a result or resume with other
+    settings."""
+    make_config(**given)
+    if out is None:
+        return given
+    check_out_folder(out)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if overwrite or not existing:
+        return given
+    if not resume:
+        what = "a finished run (metrics.json)" if "metrics.json" in existing else "a run"
+        raise ConfigError(f"{out} already holds {what}: pass --resume to continue it, --overwrite to "
+                          "replace it, or choose another --out")
+    saved = saved_settings(out)
+    flags = {key: value for key, value in given.items() if key != "recipe"}
+    settings = {**saved, **RECIPES.get(given.get("recipe"), {}), **flags}
+    # Where the data lives may change between a run and its resumption: MNIST_DATA counts as it does
+    # for a new run.
+    if "data_dir" not in flags and os.environ.get("MNIST_DATA"):
+        settings["data_dir"] = os.environ["MNIST_DATA"]
+    if changed := settings_changes(saved, make_config(**settings)):
+        raise ConfigError(f"the run in {out} was made with other settings ({'; '.join(changed)}): resume "
+                          "with the same settings, or choose another --out")
+    return settings
+
+
+def saved_settings(out):
+    """The settings of the run in ``out``, from its config.json (else its checkpoint), checked."""
+    path = out / "config.json"
+    if path.exists():
+        saved = read_json(path)
+    else:  # config.json deleted by hand: the checkpoint holds the same settings
+        from utils import read_checkpoint
+
+        saved, path = read_checkpoint(out / "checkpoint.pt")["config"], out / "checkpoint.pt"
+    known = TrainConfig.__dataclass_fields__.keys()
+    if not isinstance(saved, dict) or not set(saved) <= known:
+        what = (f"unknown settings {', '.join(sorted(set(saved) - known))}" if isinstance(saved, dict)
+                else f"a {type(saved).__name__} where the settings belong")
+        raise ConfigError(f"{path} holds {what}, not the settings of a run of this version: pass --overwrite "
+                          "to start over, or choose another --out")
+    try:
+        make_config(**saved)
+    except ConfigError as error:
+        raise ConfigError(f"{path} holds settings this version refuses ({error}): pass --overwrite to start "
+                          "over, or choose another --out") from None
+    return saved
+
+
+def check_out_folder(out):
+    """ConfigError unless ``out`` is a folder, or a path where one can be made."""
+    path = Path(out)
+    while True:
+        try:
+            is_folder = path.is_dir()
+            exists = is_folder or path.exists()
+        except OSError as error:
+            raise ConfigError(f"--out {out} cannot be used ({error.strerror}): choose another "
+                              "folder") from None
+        if exists and not is_folder:
+            what = "it is a file" if path == Path(out) else f"{path} is a file"
+            raise ConfigError(f"--out {out} cannot be used ({what}): choose a folder")
+        if exists or path == path.parent:
+            return
+        path = path.parent
 
 
 def open_run_folder(out):
@@ -142,43 +258,34 @@ def open_run_folder(out):
         lock.truncate(0)
         lock.write(f"pid {os.getpid()}")
         lock.flush()
-    # Temporary files of writes cut short by a kill; nobody else can be writing them now.
-    for temporary in out.glob(".*.tmp"):
-        temporary.unlink(missing_ok=True)
+    # Temporary files of this project's writes that a kill cut short; nobody else can be writing them
+    # now. Other files are the user's and stay.
+    for name in (*RUN_FILES, SEEDS_FILE):
+        for temporary in out.glob(f".{name}.*.tmp"):
+            temporary.unlink(missing_ok=True)
     return lock
 
 
-def settings_for(out, given, *, resume, overwrite):
-    """The settings to run with in ``out``: the run there continued (``resume``), or replaced
-    (``overwrite``), or a new one where none is. Refuses anything that would lose a result."""
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if overwrite:
-        for name in existing:
-            (out / name).unlink()
-        return given
-    if not existing:
-        if resume:
-            print(f"no run in {out} yet: starting from scratch", file=sys.stderr)
-        return given
-    if not resume:
-        what = "a finished run (metrics.json)" if "metrics.json" in existing else "a run"
-        raise ConfigError(f"{out} already holds {what}: pass --resume to continue it, --overwrite to "
-                          "replace it, or choose another --out")
-    if "checkpoint.pt" in existing:
-        saved = read_checkpoint(out / "checkpoint.pt")["config"]
-    elif "metrics.json" in existing:
-        raise ConfigError(f"{out} holds a finished run but no checkpoint.pt to continue from: pass "
-                          "--overwrite to train it again, or choose another --out")
-    else:  # started, but killed before its first checkpoint
-        saved = read_json(out / "config.json")
-    settings = {**saved, **{key: value for key, value in given.items() if key != "recipe"}}
-    if changed := settings_changes(saved, make_config(**settings)):
-        raise ConfigError(f"the run in {out} was made with other settings ({'; '.join(changed)}): resume "
-                          "with the same settings, or choose another --out")
-    return settings
+def remove_run(out):
+    """Remove the files a run writes in ``out`` (--overwrite); the folder's other files stay."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def started_writing():
+    # From here on files are written: Ctrl-C must reach the run, which says what it leaves.
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupted_while_starting(*_):
+    os.write(2, b"interrupted while starting: nothing was written\n")
+    os._exit(130)
 
 
 def write_json(path, data):
+    from utils import atomic_write
+
     atomic_write(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
 
 
@@ -190,58 +297,81 @@ def read_json(path):
                           "another --out") from None
 
 
-def what_is_kept(out):
+def where_the_files_are(out):
     if out is None:
+        return "nothing was saved: pass --out DIR to keep the weights (model.pt) and the metrics"
+    return (f"files in {out}/: metrics.json (settings, versions, every epoch), model.pt (the weights), "
+            "checkpoint.pt (for --resume)")
+
+
+def what_is_kept(folder, argv, seeds=None):
+    """What an interrupted run leaves in ``folder`` and the command that continues it."""
+    if folder is None:
         return "nothing was saved (pass --out to keep a checkpoint every epoch)"
-    if any(out.glob("**/checkpoint.pt")):
-        return f"the checkpoint of the last finished epoch is kept: continue with --out {out} --resume"
-    return f"no epoch had finished; --out {out} --resume starts the run again with its settings"
+    command = shlex.join(["python", "train.py", *(arg for arg in argv if arg != "--overwrite"),
+                          *([] if "--resume" in argv else ["--resume"])])
+    run = f"seed {folder.name.removeprefix('seed')}" if seeds is not None else "the run"
+    if (folder / "checkpoint.pt").exists():
+        return f"the checkpoint of {run}'s last finished epoch is kept: continue with {command}"
+    if (folder / "config.json").exists():
+        return f"no epoch of {run} had finished: {command} starts it again with its settings"
+    return f"nothing of {run} was written: {command} starts it"
 
 
-def parse_args(argv):
-    # Flags left out stay out of the namespace, so that a resumed run can tell which were given.
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:]))
-    parser.add_argument("--recipe", choices=list(RECIPES), help="measured settings to start from (default: "
-                        "the recipe of --model); flags given override it")
-    for spec in fields(make_config()):
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=spec.metadata["help"])
-        else:
-            # A help that explains its own default (--data-dir's) is not given a second one.
-            text = spec.metadata["help"]
-            if "(default:" not in text:
-                text += f" (default: {default_setting(spec.name)})"
-            parser.add_argument(flag, type=spec.type, metavar=spec.name.split("_")[-1].upper(), help=text)
-    parser.add_argument("--out", type=Path,
-                        help="folder for config.json, checkpoint.pt, metrics.json, model.pt")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    parser.add_argument("--seeds", help="run each seed of a range such as 0-4 or 0,3,7 into --out/seedN "
-                        "and summarise them in --out/seeds.json")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return vars(parser.parse_args(argv))
+# ---------------------------------------------------------------------------------------------
+# Several seeds
 
 
 def parse_seeds(text):
-    try:
-        if "-" in text:
-            first, last = (int(part) for part in text.split("-"))
-            seeds = list(range(first, last + 1))
-        else:
+    """The seeds of a range such as 0-4 or a list such as 0,3,7; ConfigError for anything else."""
+    if match := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text):
+        first, last = map(int, match.groups())
+        count = last - first + 1
+        seeds = range(first, last + 1) if 0 < count <= MAX_SEEDS else []
+    else:
+        try:
             seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r} is not a range such as 0-4 or a list such as 0,3,7") from None
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r} is not a range such as 0-4 or a list such as "
+                              "0,3,7") from None
+        count = len(seeds)
+    if count > MAX_SEEDS:
+        raise ConfigError(f"--seeds {text!r} names {count:,} seeds: at most {MAX_SEEDS:,}")
     if not seeds:
         raise ConfigError(f"--seeds {text!r} names no seed: write the range low-high, such as 0-4")
-    return seeds
+    if duplicates := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
+        raise ConfigError(f"--seeds {text!r} names seed {', '.join(map(str, duplicates))} twice: name "
+                          "each once")
+    return list(seeds)
+
+
+def check_seed_request(out, plan, *, resume, overwrite):
+    """Check every seed's run before the first trains, and that the seed runs already in ``out`` (which
+    seeds.json will summarise with these) were made with the same settings."""
+    check_out_folder(out)
+    configs = {folder.name: make_config(**run_settings(folder, given, resume=resume, overwrite=overwrite))
+               for given, folder in plan}
+    reference = next(iter(configs.values()))
+    others = sorted(folder for folder in (out.glob("seed*") if out.is_dir() else ())
+                    if folder.name not in configs and (folder / "config.json").exists())
+    for folder in others:
+        saved = {**saved_settings(folder), "seed": reference.seed}
+        if changed := settings_changes(saved, reference):
+            raise ConfigError(f"{out} already holds {folder.name}, made with other settings "
+                              f"({'; '.join(changed)}), which {SEEDS_FILE} would summarise with these runs: "
+                              "choose another --out")
+
+
+def finished_seed_runs(out):
+    """The metrics of every finished seed run in ``out``, by seed."""
+    runs = [read_json(path) for path in out.glob("seed*/metrics.json")]
+    return sorted(runs, key=lambda run: run["seed"])
 
 
 def summarise_seeds(runs):
     finals = [run["epochs"][-1]["test_acc"] for run in runs]
     return {"model": runs[0]["model"], "params": runs[0]["params"], "epochs": len(runs[0]["epochs"]),
+            "seeds": [run["seed"] for run in runs],
             "final_test_acc": {str(run["seed"]): run["epochs"][-1]["test_acc"] for run in runs},
             # A run that ends well by luck shows it here: the worst of its last three epochs.
             "last3_min_test_acc": {str(run["seed"]): min(row["test_acc"] for row in run["epochs"][-3:])
@@ -251,5 +381,50 @@ def summarise_seeds(runs):
             "config": {key: value for key, value in runs[0]["config"].items() if key != "seed"}}
 
 
+def format_seeds(seeds):
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def parse_args(argv):
+    # Flags left out stay out of the namespace, so that a resumed run can tell which were given.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[2:]))
+    named = ", ".join(name for name in RECIPES if name not in model_names())
+    parser.add_argument("--recipe", choices=list(RECIPES), metavar="RECIPE",
+                        help=f"measured settings to start from: {named}, or a model's name for that model's "
+                             "recipe (default: the recipe of --model); flags given override it")
+    for spec in fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        text = spec.metadata["help"]
+        if spec.name == "model":
+            text += f": {', '.join(model_names())}"
+        if spec.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            # A help that explains its own default (--data-dir's) is not given a second one.
+            if "(default:" not in text:
+                text += f" (default: {default_setting(spec.name)})"
+            parser.add_argument(flag, type=spec.type, metavar=spec.name.split("_")[-1].upper(), help=text)
+    parser.add_argument("--out",
+                        help="folder for config.json, checkpoint.pt, metrics.json, model.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in --out (its files only, once the new run starts)")
+    parser.add_argument("--seeds", help="run each seed of a range such as 0-4 or 0,3,7 into --out/seedN "
+                        "and summarise them in --out/seeds.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
+    # Until a run starts writing, Ctrl-C may end the process at once: left to Python, Ctrl-C while torch
+    # loads (seconds) ends in a traceback from deep inside an import.
+    signal.signal(signal.SIGINT, interrupted_while_starting)
     sys.exit(main())

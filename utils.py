@@ -6,6 +6,7 @@ S6.ipynb; the settings are in config.py, the data pipelines in data.py, the mode
     history = fit(model, *make_loaders(config, device), config)
 """
 
+import math
 import os
 import pickle
 import platform
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +23,14 @@ import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from config import CheckpointError, ConfigError, NonFiniteLossError, TrainConfig, default_setting
+from config import (
+    TRAIN_IMAGES,
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    settings_changes,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Training: fit, one epoch, the test pass
@@ -35,16 +43,23 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a path), saves everything
     needed to continue after every epoch, atomically; with ``resume`` also, continues from it.
     """
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"fit needs a TrainConfig (config.make_config(...)), got {type(config).__name__}")
     steps = config.epochs * len(train_loader)
     optimizer, scheduler = make_optimizer(model, config, steps)
-    averaged = average_of(model, config.ema)
-    # The average starts at the initial weights and forgets them slowly: in a short run (a dry run, one
-    # epoch of a few images) it would test far worse than the model, which looks like a broken run.
-    if averaged is not None and (share := config.ema ** steps) > 0.01:
-        log(f"note: after {steps} steps the weight average (--ema {config.ema:g}) still holds "
-            f"{share:.0%} of the initial weights, so it tests worse than the model; pass --ema 0 for runs "
-            "this short")
+    averaged = average_of(model, config.ema if average_is_ready(config.ema, steps) else 0.0)
+    if config.ema and averaged is None:
+        log(f"note: no weight average in this run: after {steps} steps it would still hold "
+            f"{config.ema ** steps:.0%} of the initial weights and test worse than the model (a decay of "
+            f"{config.ema:g} needs {steps_to_forget(config.ema):,} steps); the model is tested and kept")
+    if steps < (full_epoch := math.ceil(TRAIN_IMAGES / config.batch_size)):
+        what = "a dry run checks that every part runs; " if config.dry_run else ""
+        log(f"note: {steps} training steps are too few to learn much (one epoch of all {TRAIN_IMAGES:,} "
+            f"images is {full_epoch}): {what}the test accuracy of this run says little about the model")
     tested = model if averaged is None else averaged.module
+    log(f"each line: epoch, learning rate at its start -> end, training loss and accuracy (augmented "
+        f"images), test loss and accuracy ({'model' if averaged is None else 'weight average'}), seconds of "
+        "training + test")
     history = []
     if resume and checkpoint is not None and Path(checkpoint).exists():
         history = restore_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, averaged)
@@ -69,8 +84,9 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
             # The statistics were gathered on augmented images, which are rotated, shifted and zoomed
             # where the test images are not; measured on NetTiny, statistics of clean images test better.
             update_bn(train_loader.unaugmented(), tested)
-        test_metrics = evaluate(tested, test_loader)
-        history.append({"epoch": epoch, "lr": lr, **train_metrics, "test_loss": test_metrics["loss"],
+        test_metrics = evaluate(tested, test_loader, progress=progress)
+        history.append({"epoch": epoch, "lr": lr, "lr_end": scheduler.get_last_lr()[0], **train_metrics,
+                        "test_loss": test_metrics["loss"],
                         "test_acc": test_metrics["acc"], **row, "seconds": train_seconds,
                         "test_seconds": time.perf_counter() - started})
         # Saved before the line is printed, so that a closed pipe or Ctrl-C there loses nothing.
@@ -148,9 +164,9 @@ def evaluate(model, loader, *, progress=False):
 
 
 def format_epoch(row):
-    return (f"epoch {row['epoch']:2d}  lr {row['lr']:.4f}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
-            f"{row['seconds']:.1f}s")
+    return (f"epoch {row['epoch']:2d}  lr {row['lr']:.4f} -> {row['lr_end']:.4f}  train loss "
+            f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc "
+            f"{row['test_acc']:.2f}%  {row['seconds']:.1f} + {row['test_seconds']:.1f} s")
 
 
 def kept(checkpoint, history):
@@ -174,8 +190,11 @@ def make_optimizer(model, config, total_steps):
     scheduler steps once per batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    # OneCycleLR divides by (warm-up steps - 1), which is zero when the warm-up is exactly one step (four
+    # steps at --warmup 0.25): a hair more gives the same schedule without the division by zero.
+    warmup = config.warmup * (1 + 1e-6) if config.warmup * total_steps == 1 else config.warmup
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup,
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=warmup,
         cycle_momentum=config.momentum > 0, base_momentum=max(config.momentum - 0.05, 0),
         max_momentum=config.momentum + 0.05)
     return optimizer, scheduler
@@ -192,10 +211,22 @@ def average_of(model, decay):
     return averaged
 
 
+def average_is_ready(decay, steps):
+    """Whether an average with this per-step decay forgets its initial weights (all but 1%) in
+    ``steps``. It starts at them: in a short run (a dry run, one epoch) it would test far worse than the
+    model, which looks like a broken run."""
+    return decay ** steps <= 0.01
+
+
+def steps_to_forget(decay):
+    return math.ceil(math.log(0.01) / math.log(decay))
+
+
 def make_static_step(model, optimizer, scheduler, config, averaged=None):
     """None for ``--step eager`` (the step written out in train_epoch); else static_step.py's step."""
     if config.step == "eager":
         return None
+    check_step(config.step, next(model.parameters()).device)
     from static_step import StaticStep  # imported only when asked for
 
     return StaticStep(model, optimizer, scheduler, config, averaged, capture=config.step == "graph")
@@ -204,8 +235,6 @@ def make_static_step(model, optimizer, scheduler, config, averaged=None):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-# Settings that may differ between a run and its resumption: where data lives and what runs it.
-RESUMABLE_CHANGES = {"data_dir", "device"}
 CHECKPOINT_KEYS = {"config", "epoch", "history", "model", "averaged", "optimizer", "scheduler", "rng_cpu",
                    "rng_cuda", "rng_data"}
 
@@ -246,10 +275,10 @@ def atomic_write(path, write):
         os.unlink(temporary)
         if not isinstance(error, (OSError, RuntimeError)):  # Ctrl-C and bugs go on as they are
             raise
-        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
         raise CheckpointError(f"cannot write {path} ({reason}): free some space or make the folder "
-                              f"writable, then continue with --resume; the previous {path.name} is "
-                              "unchanged") from None
+                              f"writable, then continue with --resume; {kept}") from None
 
 
 def read_checkpoint(path):
@@ -268,17 +297,6 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} {what} (another version of this project?): delete it to "
                               "start over, or use another --out")
     return state
-
-
-def settings_changes(saved, config):
-    """The settings of ``config`` that differ from a run's ``saved`` ones, as 'name old -> new' strings.
-    A setting added after the run was saved counts as its default."""
-    changes = []
-    for spec in fields(config):
-        old, new = saved.get(spec.name, default_setting(spec.name)), getattr(config, spec.name)
-        if spec.name not in RESUMABLE_CHANGES and old != new:
-            changes.append(f"{spec.name} {old!r} -> {new!r}")
-    return changes
 
 
 def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, averaged=None):
@@ -342,6 +360,13 @@ def seed_everything(seed, device=None, deterministic=True):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def check_step(step, device):
+    """ConfigError for a training step the device cannot run."""
+    if step == "graph" and torch.device(device).type != "cuda":
+        raise ConfigError(f"step 'graph' captures CUDA graphs, and the device is {device}: use --step eager "
+                          "or static there")
 
 
 def prepare_model(model, device):

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,10 +104,11 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, ca
 
 def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
     assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path)[0] == 0
+    (tmp_path / "metrics.json").unlink()  # as a run interrupted after its last checkpoint leaves it
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
     truncated = checkpoint.read_bytes()
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", tmp_path, "--resume")
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path, "--resume")
     assert code == 2 and err.count("\n") == 1 and "unreadable" in err and "truncated" in err
     assert checkpoint.read_bytes() == truncated
 
@@ -118,6 +120,7 @@ def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, "--lr", 0.3, "--out", tmp_path, "--resume")
     assert code == 2 and "lr 0.2 -> 0.3" in err
     torch.save({"weights": Net().state_dict()}, tmp_path / "checkpoint.pt")
+    (tmp_path / "metrics.json").unlink()
     code, _, err = cli(capsys, "--out", tmp_path, "--resume")
     assert code == 2 and "not a checkpoint of this project" in err
 
@@ -213,3 +216,34 @@ def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert result.returncode == 0, result.stderr
     assert 0 <= float(result.stdout.strip().removeprefix("tensor(").removesuffix(")")) <= 1
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--epochs", "0"], ["--model", "ResNet"], ["--lr", "x"],
+                                  ["--out", "", "--dry-run"]])
+def test_help_and_mistakes_are_answered_before_torch_is_imported(args):
+    script = ("import sys, train\ntry:\n    train.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.stdout.strip().endswith("torch not loaded"), result.stdout + result.stderr
+    if args == ["--help"]:
+        assert "--model MODEL" in result.stdout and "Net, NetCompact, NetTiny" in result.stdout
+        assert "speedrun" in result.stdout
+
+
+def test_the_last_line_says_where_the_files_are(tmp_path, capsys):
+    code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "run")
+    assert code == 0 and out.splitlines()[-1].startswith(f"files in {tmp_path / 'run'}/: metrics.json")
+    code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run")
+    assert code == 0 and out.splitlines()[-1].startswith("nothing was saved: pass --out DIR")
+
+
+@pytest.mark.slow  # one epoch on all 60,000 images: about 20-30 s on 2 cores
+def test_the_readme_first_try_ends_well_above_chance(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^python train\.py (--epochs 1 .*?)\s+#", readme, re.MULTILINE).group(1).split()
+    assert "--out" in command
+    command[command.index("--out") + 1] = str(tmp_path / "first")
+    assert cli(capsys, *command, "--quiet")[0] == 0
+    final = json.loads((tmp_path / "first" / "metrics.json").read_text())["epochs"][-1]
+    assert final["test_acc"] > 97

@@ -157,3 +157,28 @@ def test_missing_data_is_downloaded_from_a_mirror(tmp_path, raw_copy, monkeypatc
         server.shutdown()
     assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
     assert all((tmp_path / "fresh" / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
+
+
+def test_the_data_folder_may_be_named_as_root_as_mnist_or_as_mnist_raw(raw_copy, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # no download
+    root = raw_copy.parent.parent
+    for folder in (root, root / "MNIST", raw_copy):
+        images, _ = load_mnist(folder, train=False)
+        assert images.shape == (10_000, 28, 28)
+        config = TrainConfig(data_dir=str(folder), test_limit=100, pipeline="torchvision")
+        assert len(make_loaders(config, CPU)[1]) == 1
+    assert sorted(path.name for path in root.iterdir()) == ["MNIST"]  # nothing nested was made
+
+
+def test_an_empty_mnist_data_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("MNIST_DATA", "")
+    assert TrainConfig().data_dir == "./data"
+
+
+def test_a_failed_download_names_its_cause_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/", "http://127.0.0.1:7/"])
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path / "nowhere", train=True)
+    message = str(caught.value)
+    assert "the download failed (<urlopen error [Errno 111] Connection refused>)" in message, message
+    assert message.endswith("or point --data-dir (MNIST_DATA) at a folder holding MNIST/raw")

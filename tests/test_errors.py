@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,19 +17,25 @@ import torch
 import data
 import train
 import utils
-from config import DataError, NonFiniteLossError, TrainConfig
-from conftest import DATA_DIR, ROOT, SMALL_FLAGS, cli, refused
+from config import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainConfig, make_config
+from conftest import DATA_DIR, ROOT, SMALL_FLAGS, cli, refused, without_timings
 from data import load_mnist
 from model import Net, NetCompact
 from utils import fit, read_checkpoint
 
 # --- the output folder ------------------------------------------------------------------------
 
+def no_training(*args, **kwargs):
+    pytest.fail("training started")
+
+
 def test_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr(utils, "fit", no_training)
     (tmp_path / "file").write_text("mine")
-    refused(capsys, "--out", tmp_path / "file", words="cannot be used (File exists)")
-    refused(capsys, "--out", tmp_path / "file" / "run", words="cannot be used (Not a directory)")
+    refused(capsys, "--out", tmp_path / "file", words="cannot be used (it is a file)")
+    refused(capsys, "--out", tmp_path / "file" / "run",
+            words=f"cannot be used ({tmp_path / 'file'} is a file)")
+    refused(capsys, "--out", "", words="--out is empty: name the folder")
     refused(capsys, "--out", tmp_path / ("x" * 300), words="cannot be used (File name too long)")
     assert (tmp_path / "file").read_text() == "mine"
 
@@ -41,7 +49,7 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypa
         raise OSError(code, os.strerror(code), str(self))
 
     monkeypatch.setattr(Path, "mkdir", unwritable)
-    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr(utils, "fit", no_training)
     refused(capsys, "--out", tmp_path / "run",
             words=f"cannot be used ({words}): choose a folder you can write")
 
@@ -62,8 +70,8 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(tmp_path, capsys):
     before = {name: (tmp_path / name).read_bytes() for name in ("metrics.json", "model.pt")}
     refused(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path,
             words="already holds a finished run (metrics.json)")
-    refused(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path, "--resume",
-            words="no checkpoint.pt to continue")
+    code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path, "--resume")
+    assert code == 0 and "nothing left to do" in out
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     code, _, err = cli(capsys, *SMALL_FLAGS, "--dry-run", "--seed", 1, "--out", tmp_path, "--overwrite")
     assert code == 0, err
@@ -78,7 +86,7 @@ def test_resume_after_a_run_died_before_its_first_checkpoint_keeps_its_settings(
     with monkeypatch.context() as patch:
         patch.setattr(utils, "train_epoch", interrupted)
         code, _, err = cli(capsys, *SMALL_FLAGS, "--lr", 0.05, "--seed", 3, "--out", tmp_path)
-    assert code == 130 and "no epoch had finished" in err and "--resume starts the run again" in err
+    assert code == 130 and "no epoch of the run had finished" in err and "--resume starts it again" in err
     assert not (tmp_path / "checkpoint.pt").exists()
     code, _, err = cli(capsys, "--out", tmp_path, "--resume", "--quiet")
     assert code == 0, err
@@ -96,10 +104,25 @@ def test_interrupt_after_an_epoch_says_the_checkpoint_is_kept(tmp_path, capsys, 
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path)
-    assert code == 130 and "the checkpoint of the last finished epoch is kept" in err
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
+        code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path / "run")
+    assert code == 130 and "the checkpoint of the run's last finished epoch is kept: continue with" in err
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    # The hint, followed word for word, ends as a run that was never interrupted.
+    assert cli(capsys, *hinted_command(err))[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path / "whole")[0] == 0
+    finished = [json.loads((tmp_path / run / "metrics.json").read_text())["epochs"]
+                for run in ("run", "whole")]
+    assert without_timings(finished[0]) == without_timings(finished[1])
+
+
+def hinted_command(message):
+    """The arguments of the ``python train.py ...`` command that ``message`` tells the user to run."""
+    command = re.search(r"python train\.py .*?(?= starts it|$)", message.strip()).group()
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"]
+    return words[2:]
 
 
 def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
@@ -244,3 +267,233 @@ def test_ctrl_c_while_starting_up_prints_no_traceback():
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr == "interrupted while starting: nothing was written\n"
+
+
+# --- a start that fails changes nothing ----------------------------------------------------------
+
+def run_files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ".lock"}
+
+
+@pytest.mark.parametrize("mistake", ["data", "step", "device"])
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys, monkeypatch, mistake):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "run")[0] == 0
+    before = run_files(tmp_path / "run")
+    monkeypatch.setattr(data.torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    if mistake == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    wrong = {"data": ["--data-dir", tmp_path / "elsewhere"], "step": ["--step", "graph", "--device", "cpu"],
+             "device": ["--device", "cuda"]}[mistake]
+    code, _, err = cli(capsys, *SMALL_FLAGS, "--dry-run", *wrong, "--out", tmp_path / "run", "--overwrite")
+    assert code == 2 and err.count("\n") == 1, err
+    assert run_files(tmp_path / "run") == before
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_start_that_fails_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data.torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run",
+            words="the download failed")
+    assert not (tmp_path / "run").exists()
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "run")[0] == 0
+
+
+def test_overwrite_removes_only_the_files_a_run_writes(tmp_path, capsys):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".draft.tmp").write_text("mine too")
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--seed", 1, "--out", tmp_path, "--overwrite")[0] == 0
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / ".draft.tmp").read_text() == "mine too"
+
+
+@pytest.mark.parametrize("args", [["--train-limit", 1000, "--epochs", 1, "--batch-size", 256],
+                                  ["--dry-run", "--warmup", 0.5]])
+def test_runs_of_a_few_steps_train(tmp_path, capsys, args):
+    # Four steps at --warmup 0.25 (or two at 0.5): OneCycleLR divided by zero there.
+    code, _, err = cli(capsys, "--quiet", "--test-limit", 200, *args, "--out", tmp_path)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"]) == 1
+
+
+def test_import_train_leaves_ctrl_c_alone():
+    script = "import signal\nbefore = signal.getsignal(signal.SIGINT)\nimport train\n" \
+             "print(signal.getsignal(signal.SIGINT) is before)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+# --- several seeds ------------------------------------------------------------------------------
+
+def test_seeds_refuse_a_duplicate_seed_or_a_finished_seed_before_the_first_trains(tmp_path, capsys,
+                                                                                  monkeypatch):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "seed2")[0] == 0
+    monkeypatch.setattr(utils, "fit", no_training)
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0,1,0", "--out", tmp_path,
+            words="names seed 0 twice")
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0-2", "--out", tmp_path,
+            words=f"{tmp_path / 'seed2'} already holds a finished run")
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0-99999999999", "--out", tmp_path,
+            words="names 100,000,000,000 seeds: at most 1,000")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["seed2"]
+
+
+def test_ctrl_c_during_seeds_hints_a_command_that_continues_the_same_seeds(tmp_path, capsys, monkeypatch):
+    original, epochs_begun = utils.train_epoch, []
+
+    def ctrl_c_in_the_second_seeds_first_epoch(*args, **kwargs):
+        epochs_begun.append(1)
+        if len(epochs_begun) == 3:  # two epochs a seed
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "train_epoch", ctrl_c_in_the_second_seeds_first_epoch)
+        code, _, err = cli(capsys, *SMALL_FLAGS, "--model", "NetTiny", "--seeds", "0-2", "--out", tmp_path)
+    assert code == 130 and "no epoch of seed 1 had finished" in err, err
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0]
+    assert cli(capsys, *hinted_command(err))[0] == 0
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["model"] == "NetTiny"
+    for seed in range(3):
+        config = json.loads((tmp_path / f"seed{seed}" / "metrics.json").read_text())["config"]
+        assert config["train_limit"] == 1000
+
+
+def test_seeds_json_describes_exactly_the_runs_in_the_folder(tmp_path, capsys, monkeypatch):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0-1", "--out", tmp_path)[0] == 0
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "2", "--out", tmp_path)[0] == 0
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]
+    # Runs of other settings would be summarised with these: refused before anything trains.
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--lr", 0.1, "--seeds", "3", "--out", tmp_path,
+            words="already holds seed0, made with other settings (lr 0.2 -> 0.1)")
+    # An --overwrite cut short leaves no summary of the runs it was replacing.
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "train_epoch", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        code, _, _ = cli(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0-2", "--out", tmp_path,
+                         "--overwrite")
+    assert code == 130
+    assert not (tmp_path / "seeds.json").exists()
+
+
+# --- inputs that gave raw tracebacks or wrong answers ---------------------------------------------
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--pipeline", "torchvision", "--test-limit", 20000],
+     "test limit must be from 0 (all) to 10,000, got 20000"),
+    (["--train-limit", 70000], "train limit must be from 0 (all) to 60,000, got 70000"),
+    (["--seed", 2**70], "seed must be in [0, 2**63)"),
+    (["--seed", -1], "seed must be in [0, 2**63)"),
+    (["--data-dir", ""], "data dir is empty"),
+    (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+])
+def test_settings_that_crashed_deep_inside_are_refused_in_one_line(capsys, args, words):
+    refused(capsys, *args, words=words)
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ('{"lr": 0.1, "depth": 3}', "holds unknown settings depth"),
+    ("[1, 2]", "holds a list where the settings belong"),
+    ("null", "holds a NoneType where the settings belong"),
+    ('{"epochs": 0}', "holds settings this version refuses (epochs must be at least 1, got 0)"),
+    ("{not json", "is unreadable"),
+])
+def test_a_config_json_that_resume_cannot_read_is_refused_in_one_line(tmp_path, capsys, content, words):
+    (tmp_path / "config.json").write_text(content)
+    err = refused(capsys, "--out", tmp_path, "--resume", words=words)
+    assert "--overwrite" in err
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ({"epochs": "5"}, "setting epochs must be a int, got '5'"),
+    ({"depth": 3}, "unknown setting(s) 'depth'"),
+    ({"recipe": ["fast"]}, "unknown recipe ['fast']"),
+    ({"model": None}, "setting model must be a str, got None"),
+    ({"lr": True}, "setting lr must be a float, got True"),
+    ({"seed": 2**64}, "seed must be in [0, 2**63)"),
+])
+def test_odd_values_given_to_make_config_get_a_config_error(settings, words):
+    with pytest.raises(ConfigError) as caught:
+        make_config(**settings)
+    assert words in str(caught.value)
+
+
+def test_fit_refuses_settings_that_are_not_a_train_config():
+    with pytest.raises(ConfigError, match="fit needs a TrainConfig"):
+        fit(Net(), [], [], {"epochs": 1})
+
+
+def test_resume_of_a_finished_run_with_another_recipe_is_refused(tmp_path, capsys):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path)[0] == 0
+    refused(capsys, "--out", tmp_path, "--resume", "--recipe", "NetTiny", words="rotate 7.0 -> 10.0")
+
+
+def test_resume_reads_mnist_data_as_a_new_run_does(tmp_path, capsys, monkeypatch, raw_copy):
+    moved = raw_copy.parent.parent  # a data folder that will move
+    original, epochs_begun = utils.train_epoch, []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        epochs_begun.append(1)
+        if len(epochs_begun) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
+        assert cli(capsys, *SMALL_FLAGS, "--data-dir", moved, "--out", tmp_path / "run")[0] == 130
+    for link in raw_copy.iterdir():
+        link.unlink()
+    monkeypatch.setenv("MNIST_DATA", DATA_DIR)
+    code, _, err = cli(capsys, "--out", tmp_path / "run", "--resume", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["data_dir"] == DATA_DIR
+
+
+def test_weights_files_that_are_not_weights_get_one_line(tmp_path, capsys):
+    assert cli(capsys, *SMALL_FLAGS, "--ema", 0.5, "--out", tmp_path)[0] == 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"^this is a training checkpoint \(checkpoint.pt\), not weights"):
+        Net().load_state_dict(checkpoint)
+    with pytest.raises(TypeError, match="expected a state dict .* got list"):
+        Net().load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="'epoch' holds a int, where a state dict holds tensors"):
+        Net().load_state_dict({"epoch": 3})
+    # The weight average's state dict, as the checkpoint keeps it, loads as the weights it averages:
+    # those of model.pt.
+    averaged, kept = Net(), Net()
+    averaged.load_state_dict(checkpoint["averaged"])
+    kept.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(averaged.state_dict().values(), kept.state_dict().values()))
+
+
+def test_predict_refuses_pixels_in_0_to_1_that_were_never_normalised(mnist):
+    pixels = mnist["test"][0][:8].unsqueeze(1).float() / 255
+    with pytest.raises(ValueError, match="image 0 has no value below 0, as pixels in \\[0, 1\\]"):
+        Net().predict(pixels)
+    assert Net().predict((pixels - 0.1307) / 0.3081).shape == (8,)
+
+
+def test_a_write_that_fails_says_whether_an_older_file_is_kept(tmp_path):
+    def fails(file):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(CheckpointError, match="no model.pt was written"):
+        utils.atomic_write(tmp_path / "model.pt", fails)
+    (tmp_path / "model.pt").write_bytes(b"old")
+    with pytest.raises(CheckpointError, match="the previous model.pt is unchanged"):
+        utils.atomic_write(tmp_path / "model.pt", fails)
+    assert (tmp_path / "model.pt").read_bytes() == b"old"
+    assert [path.name for path in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_bench_refuses_a_bad_json_path_or_an_absent_device_before_it_runs(tmp_path, capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as caught:
+        bench.main(["--json", str(tmp_path / "no" / "such" / "folder.json")])
+    assert caught.value.code == 2 and "--json" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "no usable CUDA GPU" in err

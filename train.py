@@ -46,8 +46,9 @@ MAX_SEEDS = 1000
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
-    out, resume, overwrite, seeds, quiet = (args.pop(key, default) for key, default in (
-        ("out", None), ("resume", False), ("overwrite", False), ("seeds", None), ("quiet", False)))
+    out, resume, overwrite, seeds, quiet, find_lr = (args.pop(key, default) for key, default in (
+        ("out", None), ("resume", False), ("overwrite", False), ("seeds", None), ("quiet", False),
+        ("find_lr", False)))
     progress = not quiet and sys.stderr.isatty()
     writing = {"folder": None}  # the run folder being written, for the message of an interruption
     try:
@@ -58,6 +59,12 @@ def main(argv=None):
             raise ConfigError("--resume needs --out DIR, the folder holding the run to continue")
         if resume and overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
+        if find_lr:
+            if resume or seeds is not None:
+                raise ConfigError("--find-lr trains nothing to resume or repeat: leave out --resume and "
+                                  "--seeds")
+            range_test(args, out, progress=progress)
+            return 0
         if seeds is None:
             train_once(args, out, resume=resume, overwrite=overwrite, progress=progress)
             print(where_the_files_are(out))
@@ -117,10 +124,10 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True,
 
     import torch
 
+    from checkpoints import atomic_write
     from data import make_loaders
     from model import MODELS
     from utils import (
-        atomic_write,
         check_step,
         fit,
         keep_freed_memory,
@@ -167,6 +174,33 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True,
             lock.close()
 
 
+def range_test(given, out=None, progress=True):
+    """The learning-rate range test of the model and recipe ``given``: a plot in ``out`` (else the
+    current folder) and a suggested peak learning rate."""
+    config = make_config(**given)
+    if out is not None:
+        check_out_folder(out)
+
+    from data import make_loaders
+    from model import MODELS
+    from utils import lr_range_test, pick_device, plot_lr_range, prepare_model, seed_everything
+
+    device = pick_device(config.device)
+    seed_everything(config.seed, device, config.deterministic)
+    model = prepare_model(MODELS[config.model](), device)
+    train_loader, _ = make_loaders(config, device)
+    result = lr_range_test(model, train_loader, config, progress=progress)
+    path = (out or Path(".")) / "lr_range.png"
+    started_writing()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_lr_range(result, recipe_lr=config.lr).savefig(path, dpi=110, bbox_inches="tight")
+    print(f"{config.model}: suggested peak learning rate {result['suggested_lr']:.3g} ({result['rule']}, "
+          f"over {len(result['lr'])} batches); the recipe's peak is {config.lr:g}")
+    print(f"to train with it: python train.py --model {config.model} --lr {result['suggested_lr']:.3g}; "
+          f"the plot is {path}")
+    return result
+
+
 def run_settings(out, given, *, resume=False, overwrite=False):
     """The settings a run into ``out`` trains with: ``given`` for a new run; with ``resume``, the saved
     run's settings with ``given`` on top. Reads ``out``, never writes it. ConfigError for impossible
@@ -202,7 +236,7 @@ def saved_settings(out):
     if path.exists():
         saved = read_json(path)
     else:  # config.json deleted by hand: the checkpoint holds the same settings
-        from utils import read_checkpoint
+        from checkpoints import read_checkpoint
 
         saved, path = read_checkpoint(out / "checkpoint.pt")["config"], out / "checkpoint.pt"
     known = TrainConfig.__dataclass_fields__.keys()
@@ -284,7 +318,7 @@ def interrupted_while_starting(*_):
 
 
 def write_json(path, data):
-    from utils import atomic_write
+    from checkpoints import atomic_write
 
     atomic_write(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
 
@@ -420,6 +454,10 @@ def parse_args(argv):
     parser.add_argument("--seeds", help="run each seed of a range such as 0-4 or 0,3,7 into --out/seedN "
                         "and summarise them in --out/seeds.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--find-lr", action="store_true",
+                        help="instead of training, a learning-rate range test of the model and recipe: "
+                        "a suggested peak --lr, and the loss against the learning rate in --out/lr_range.png "
+                        "(without --out, ./lr_range.png)")
     return vars(parser.parse_args(argv))
 
 

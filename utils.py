@@ -1,6 +1,7 @@
-"""Training: fit with its train and test loops, the optimizer, schedule and weight average,
-checkpoints, the device, and the curves; in the order a run uses them. Used by train.py, bench.py and
-S6.ipynb; the settings are in config.py, the data pipelines in data.py, the models in model.py.
+"""Training: fit with its train and test loops, the optimizer, schedule and weight average, the
+device, and the curves; in the order a run uses them. Used by train.py, bench.py and S6.ipynb; the
+settings are in config.py, the data pipelines in data.py, the models in model.py, checkpoints in
+checkpoints.py.
 
     config = make_config(epochs=20)
     history = fit(model, *make_loaders(config, device), config)
@@ -8,13 +9,9 @@ S6.ipynb; the settings are in config.py, the data pipelines in data.py, the mode
 
 import math
 import os
-import pickle
 import platform
 import subprocess
-import tempfile
 import time
-import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,14 +20,8 @@ import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from config import (
-    TRAIN_IMAGES,
-    CheckpointError,
-    ConfigError,
-    NonFiniteLossError,
-    TrainConfig,
-    settings_changes,
-)
+from checkpoints import restore_checkpoint, save_checkpoint
+from config import TRAIN_IMAGES, ConfigError, NonFiniteLossError, TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # Training: fit, one epoch, the test pass
@@ -233,92 +224,44 @@ def make_static_step(model, optimizer, scheduler, config, averaged=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-CHECKPOINT_KEYS = {"config", "epoch", "history", "model", "averaged", "optimizer", "scheduler", "rng_cpu",
-                   "rng_cuda", "rng_data"}
+# Learning-rate range test
 
 
-def save_checkpoint(path, model, optimizer, scheduler, train_loader, config, history, averaged=None):
-    """Write everything needed to continue exactly, to a temporary file renamed over ``path``."""
-    state = {
-        "config": asdict(config),
-        "epoch": len(history),
-        "history": history,
-        "model": model.state_dict(),
-        "averaged": None if averaged is None else averaged.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_data": train_loader.generator.get_state(),
-    }
-    atomic_write(path, lambda file: torch.save(state, file))
+def lr_range_test(model, train_loader, config, *, iterations=300, start_lr=1e-4, end_lr=10.0, progress=True):
+    """Train ``model`` from its present (fresh) weights for up to ``iterations`` batches while the
+    learning rate grows exponentially from ``start_lr`` to ``end_lr``, with the recipe's SGD (momentum,
+    Nesterov, weight decay), stopping once the loss has diverged. The model's weights are put back after.
 
+    Returns {"lr": [...], "loss": [...] (smoothed), "suggested_lr", "rule"}. The suggestion is the
+    learning rate where the smoothed loss falls fastest (torch-lr-finder's rule), as a peak for the
+    one-cycle schedule: about where training makes the most progress per step.
+    """
+    import contextlib
+    import io
 
-def atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``: a reader
-    sees the old file or the new one, never half of one. CheckpointError if it cannot be written."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise CheckpointError(f"cannot write {path} ({error.strerror}): choose another --out") from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        os.unlink(temporary)
-        if not isinstance(error, (OSError, RuntimeError)):  # Ctrl-C and bugs go on as they are
-            raise
-        reason = getattr(error, "strerror", None) or " ".join(str(error).split())
-        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"cannot write {path} ({reason}): free some space or make the folder "
-                              f"writable, then continue with --resume; {kept}") from None
+    from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
+    class Batches(TrainDataLoaderIter):  # our loaders yield (images, labels) on the device already
+        def inputs_labels_from_batch(self, batch):
+            return batch
 
-def read_checkpoint(path):
-    """The checkpoint at ``path`` as a dict; CheckpointError if it is unreadable or foreign."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: truncated or "
-                              "corrupt): delete it to start over, or use another --out") from None
-    if not isinstance(state, dict) or not {"config", "model", "history"} <= state.keys():
-        raise CheckpointError(f"{path} is not a checkpoint of this project: delete it or use another --out")
-    missing = sorted(CHECKPOINT_KEYS - state.keys())
-    unknown = sorted(set(state["config"]) - TrainConfig.__dataclass_fields__.keys())
-    if missing or unknown:
-        what = f"lacks {', '.join(missing)}" if missing else f"has unknown settings {', '.join(unknown)}"
-        raise CheckpointError(f"checkpoint {path} {what} (another version of this project?): delete it to "
-                              "start over, or use another --out")
-    return state
-
-
-def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, averaged=None):
-    """Load ``path`` into the given objects and return its history; CheckpointError if unusable."""
-    state = read_checkpoint(path)
-    if changed := settings_changes(state["config"], config):
-        raise CheckpointError(f"checkpoint {path} was made with other settings ({'; '.join(changed)}): "
-                              "resume with the same settings, or use another --out")
-    try:
-        model.load_state_dict(state["model"])
-        if averaged is not None:
-            averaged.load_state_dict(state["averaged"])
-    except (RuntimeError, ValueError):
-        raise CheckpointError(f"checkpoint {path} holds weights of another model than "
-                              f"{type(model).__name__}: use another --out") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    train_loader.generator.set_state(state["rng_data"])
-    return state["history"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=start_lr, momentum=config.momentum,
+                                nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    finder = LRFinder(model, optimizer, torch.nn.NLLLoss(), device=next(model.parameters()).device)
+    # torch-lr-finder prints its own lines (one with a template it never fills in), ours say what matters;
+    # its progress bar cannot be turned off but by taking its output.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with contextlib.redirect_stdout(io.StringIO()), quiet:
+        finder.range_test(Batches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=iterations,
+                          step_mode="exp")
+    finder.reset()
+    rates, losses = finder.history["lr"], finder.history["loss"]
+    # torch-lr-finder's own rule (LRFinder.plot, which draws as it decides): the steepest slope of the
+    # loss over the steps, leaving out the first 10 and the last 5.
+    kept = slice(10, len(losses) - 5) if len(losses) > 17 else slice(0, len(losses))
+    steepest = torch.gradient(torch.tensor(losses[kept]))[0].argmin().item() if len(losses) > 1 else 0
+    return {"lr": rates, "loss": losses, "suggested_lr": rates[kept][steepest],
+            "rule": "the learning rate where the smoothed loss falls fastest (steepest slope)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +271,16 @@ def restore_checkpoint(path, model, optimizer, scheduler, train_loader, config, 
 def pick_device(name="auto"):
     """CUDA, then Apple MPS, then CPU for "auto"; otherwise the named device, checked to exist."""
     if name == "auto":
-        if torch.cuda.is_available():
+        # torch.accelerator (torch 2.6 and later) names the accelerator this build of torch drives;
+        # older torch is asked for each kind in turn. Kinds other than these two stay on the CPU, as
+        # the recipes were measured on them.
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is not None and accelerator.is_available():
+            kind = accelerator.current_accelerator().type
+            return torch.device(kind if kind in ("cuda", "mps") else "cpu")
+        if accelerator is None and torch.cuda.is_available():
             return torch.device("cuda")
-        if torch.backends.mps.is_available():
+        if accelerator is None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -462,5 +412,24 @@ def plot_history(history):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_lr_range(result, recipe_lr=None):
+    """A matplotlib figure of the range test: smoothed loss against learning rate (log axis), with the
+    suggestion and, if given, the recipe's peak."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(result["lr"], result["loss"], lw=1.2)
+    axes.axvline(result["suggested_lr"], color="crimson", ls="--", lw=1,
+                 label=f"suggested peak {result['suggested_lr']:.3g} ({result['rule'].split('(')[-1][:-1]})")
+    if recipe_lr is not None:
+        axes.axvline(recipe_lr, color="grey", ls=":", lw=1, label=f"the recipe's peak {recipe_lr:g}")
+    axes.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
+             title="learning-rate range test")
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     return figure

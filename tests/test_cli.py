@@ -13,11 +13,12 @@ import torch
 import torchvision
 
 import train
+from checkpoints import read_checkpoint
 from config import NonFiniteLossError, TrainConfig
 from conftest import CPU, DATA_DIR, ROOT, SMALL_FLAGS, cli, without_timings
 from data import make_loaders
 from model import Net
-from utils import fit, pick_device, read_checkpoint
+from utils import fit, pick_device
 
 
 def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
@@ -247,3 +248,13 @@ def test_the_readme_first_try_ends_well_above_chance(tmp_path, capsys):
     assert cli(capsys, *command, "--quiet")[0] == 0
     final = json.loads((tmp_path / "first" / "metrics.json").read_text())["epochs"][-1]
     assert final["test_acc"] > 97
+
+
+def test_find_lr_plots_the_range_test_and_suggests_a_peak(tmp_path, capsys):
+    code, out, err = cli(capsys, "--find-lr", "--model", "NetTiny", "--batch-size", 32, "--quiet",
+                         "--out", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "lr_range.png").stat().st_size > 10_000
+    suggested = float(re.search(r"suggested peak learning rate ([0-9.e-]+)", out).group(1))
+    assert 1e-4 < suggested < 10 and f"--lr {suggested:.3g}" in out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lr_range.png"]

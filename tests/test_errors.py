@@ -17,11 +17,12 @@ import torch
 import data
 import train
 import utils
+from checkpoints import atomic_write, read_checkpoint
 from config import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainConfig, make_config
 from conftest import DATA_DIR, ROOT, SMALL_FLAGS, cli, refused, without_timings
 from data import load_mnist
 from model import Net, NetCompact
-from utils import fit, read_checkpoint
+from utils import fit
 
 # --- the output folder ------------------------------------------------------------------------
 
@@ -479,10 +480,10 @@ def test_a_write_that_fails_says_whether_an_older_file_is_kept(tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(CheckpointError, match="no model.pt was written"):
-        utils.atomic_write(tmp_path / "model.pt", fails)
+        atomic_write(tmp_path / "model.pt", fails)
     (tmp_path / "model.pt").write_bytes(b"old")
     with pytest.raises(CheckpointError, match="the previous model.pt is unchanged"):
-        utils.atomic_write(tmp_path / "model.pt", fails)
+        atomic_write(tmp_path / "model.pt", fails)
     assert (tmp_path / "model.pt").read_bytes() == b"old"
     assert [path.name for path in tmp_path.iterdir()] == ["model.pt"]
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from utils import (
     fit,
     make_optimizer,
     plot_history,
+    plot_lr_range,
     prepare_model,
     seed_everything,
     train_epoch,
@@ -385,3 +388,43 @@ def test_the_cuda_graph_trains_as_the_static_step_does():
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
     for row, again in zip(static_history, graph_history):
         assert again["train_loss"] == pytest.approx(row["train_loss"], rel=1e-3)
+
+
+def test_the_range_test_sweeps_the_rate_up_and_puts_the_weights_back():
+    config = TrainConfig(**{**SMALL, "batch_size": 50})
+    torch.manual_seed(0)
+    model = Net()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    result = utils.lr_range_test(model, make_loaders(config, CPU)[0], config, iterations=60, progress=False)
+    rates = result["lr"]
+    assert len(rates) == len(result["loss"]) <= 60 and rates[0] == pytest.approx(1e-4)
+    assert all(later > earlier for earlier, later in itertools.pairwise(rates))
+    assert rates[10] <= result["suggested_lr"] <= rates[-6] and "steepest" in result["rule"]
+    # The loss falls somewhere on the way up: training happened.
+    assert min(result["loss"]) < result["loss"][0] - 0.2
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    figure = plot_lr_range(result, recipe_lr=0.2)
+    assert figure.axes[0].get_xscale() == "log"
+
+
+def test_auto_picks_the_accelerator_torch_names_then_the_cpu(monkeypatch):
+    class Accelerator:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def is_available(self):
+            return self.kind is not None
+
+        def current_accelerator(self):
+            return torch.device(self.kind)
+
+    for kind, expected in (("mps", "mps"), ("cuda", "cuda"), ("xpu", "cpu"), (None, "cpu")):
+        monkeypatch.setattr(torch, "accelerator", Accelerator(kind), raising=False)
+        assert utils.pick_device("auto").type == expected
+    # Older torch, without torch.accelerator: CUDA, then MPS, then the CPU.
+    monkeypatch.delattr(torch, "accelerator", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert utils.pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert utils.pick_device("auto").type == "cpu"

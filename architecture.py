@@ -58,10 +58,16 @@ class Description(NamedTuple):
         return bool(field) and all(r >= n for r, n in zip(field, self.image[-2:]))
 
     def __str__(self):
+        return self.table()
+
+    def table(self, brief=False):
+        """The table as text; ``brief`` keeps only the layers that change the field or hold weights
+        (convolutions, poolings, linear layers), the columns and totals unchanged."""
         header = ("layer", "type", "k / s / p / d", "output", "RF", "jump", "params", "MACs")
+        rows = [row for row in self.rows if not brief or row.window is not None or row.kind == "Linear"]
         lines = [header] + [(row.name, row.kind, window_text(row.window), "x".join(map(str, row.output)),
                              pair_text(row.receptive_field), pair_text(row.jump), f"{row.params:,}",
-                             f"{row.macs:,}") for row in self.rows]
+                             f"{row.macs:,}") for row in rows]
         lines.append(("total", "", "", "", "", "", f"{self.params:,}", f"{self.macs:,}"))
         widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
         text = ["  ".join(cell.ljust(width) if column < 4 else cell.rjust(width)
@@ -239,6 +245,9 @@ def main(argv=None):
     parser.add_argument("models", nargs="*", metavar="MODEL", help=f"model names: {', '.join(MODELS)}")
     parser.add_argument("--budget", type=int, default=20_000, help="parameter budget (default: 20000)")
     parser.add_argument("--allow-linear", action="store_true", help="allow fully connected layers")
+    parser.add_argument("--brief", action="store_true",
+                        help="only the layers that change the receptive field or hold weights (not BatchNorm "
+                        "and activations, whose parameters count in the total)")
     args = parser.parse_args(argv)
     if unknown := [name for name in args.models if name not in MODELS]:
         parser.error(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
@@ -246,7 +255,7 @@ def main(argv=None):
     for name in args.models or MODELS:
         model = MODELS[name]()
         checks = check_model(model, args.budget, args.allow_linear)
-        print(f"{describe(model)}\n\n{checks}\n")
+        print(f"{describe(model).table(brief=args.brief)}\n\n{checks}\n")
         passed &= checks.passed
     return 0 if passed else 1
 

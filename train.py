@@ -117,7 +117,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True,
     settings = run_settings(out, given, resume=resume, overwrite=overwrite)  # refused before torch loads
     config = make_config(**settings)
     if out is not None and resume and (out / "metrics.json").exists():
-        metrics = read_json(out / "metrics.json")
+        metrics = read_metrics(out / "metrics.json")
         print(f"the run in {out} is finished ({len(metrics['epochs'])} epochs, final test accuracy "
               f"{metrics['epochs'][-1]['test_acc']:.2f}%): nothing left to do")
         return metrics
@@ -331,6 +331,20 @@ def read_json(path):
                           "another --out") from None
 
 
+def read_metrics(path):
+    """A finished run's metrics.json, checked to hold what the summaries read."""
+    metrics = read_json(path)
+    rows = metrics.get("epochs") if isinstance(metrics, dict) else None
+    well_formed = (isinstance(rows, list) and rows and isinstance(metrics.get("seed"), int)
+                   and isinstance(metrics.get("config"), dict)
+                   and all(isinstance(row, dict) and isinstance(row.get("test_acc"), (int, float))
+                           for row in rows))
+    if not well_formed:
+        raise ConfigError(f"{path} is not the metrics of a finished run of this project: pass --overwrite to "
+                          "train it again, or choose another --out")
+    return metrics
+
+
 def where_the_files_are(out):
     if out is None:
         return "nothing was saved: pass --out DIR to keep the weights (model.pt) and the metrics"
@@ -398,7 +412,7 @@ def check_seed_request(out, plan, *, resume, overwrite):
 
 def finished_seed_runs(out):
     """The metrics of every finished seed run in ``out``, by seed."""
-    runs = [read_json(path) for path in out.glob("seed*/metrics.json")]
+    runs = [read_metrics(path) for path in out.glob("seed*/metrics.json")]
     return sorted(runs, key=lambda run: run["seed"])
 
 
@@ -425,9 +439,16 @@ def format_seeds(seeds):
 # The command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its mistakes answered in one line like every other refusal."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python train.py --help lists every flag)\n")
+
+
 def parse_args(argv):
     # Flags left out stay out of the namespace, so that a resumed run can tell which were given.
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+    parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:]))
     named = ", ".join(name for name in RECIPES if name not in model_names())

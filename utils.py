@@ -77,9 +77,8 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
             update_bn(train_loader.unaugmented(), tested)
         test_metrics = evaluate(tested, test_loader, progress=progress)
         history.append({"epoch": epoch, "lr": lr, "lr_end": scheduler.get_last_lr()[0], **train_metrics,
-                        "test_loss": test_metrics["loss"],
-                        "test_acc": test_metrics["acc"], **row, "seconds": train_seconds,
-                        "test_seconds": time.perf_counter() - started})
+                        "test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"], **row,
+                        "seconds": train_seconds, "test_seconds": time.perf_counter() - started})
         # Saved before the line is printed, so that a closed pipe or Ctrl-C there loses nothing.
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, history, averaged)
@@ -94,8 +93,9 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
 
 def train_epoch(model, loader, optimizer, scheduler, *, averaged=None, label_smoothing=0.0, static_step=None,
                 epoch=1, progress=True):
-    """One pass over ``loader``, one optimizer and scheduler step per batch; returns {"train_loss",
-    "train_acc"} (mean loss, percent correct).
+    """One pass over ``loader``: for each batch, the step written out (forward, loss, backward, an
+    optimizer and a scheduler step, the weight average), unless ``static_step`` takes it. Returns
+    {"train_loss", "train_acc"} (mean loss, percent correct).
 
     Raises NonFiniteLossError naming the epoch and batch where the loss stopped being finite.
     """
@@ -167,7 +167,6 @@ def kept(checkpoint, history):
     if not history:
         return "no epoch had finished, so there is no checkpoint yet"
     return f"the checkpoint of epoch {len(history)} is kept in {checkpoint}"
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,21 +393,24 @@ def confusion_matrix(predictions, labels, classes=10):
 
 
 def plot_history(history):
-    """A matplotlib figure of the train and test loss and accuracy per epoch."""
+    """A matplotlib figure of the train and test loss and accuracy per epoch; it reads as well for one
+    epoch as for twenty."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "o-"), ("test", "s-")):
-        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], style, ms=3, label=split)
-        acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], style, ms=3, label=split)
-    loss_axes.set(title="loss", xlabel="epoch", yscale="log")
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], style, ms=4, label=split)
+        acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], style, ms=4, label=split)
+    losses = [row[f"{split}_loss"] for row in history for split in ("train", "test")]
+    loss_axes.set(title="loss", xlabel="epoch", yscale="log", ylim=(min(losses) / 1.5, max(losses) * 1.5))
     final = history[-1]["test_acc"]
     acc_axes.set(title=f"accuracy (final test {final:.2f}%)", xlabel="epoch", ylabel="%",
                  ylim=(min(97.0, history[-1]["train_acc"] - 1, final - 1), 100))
-    acc_axes.axhline(99.4, color="grey", lw=0.8, ls="--", label="99.4%")
+    acc_axes.axhline(99.4, color="grey", lw=0.8, ls="--", label="99.4%: the target")
     for axes in (loss_axes, acc_axes):
+        axes.set_xlim(0.5, epochs[-1] + 0.5)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()

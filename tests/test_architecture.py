@@ -173,3 +173,10 @@ def test_a_model_added_to_model_py_trains_checks_and_describes_by_name(tmp_path)
     described = run("architecture.py", "MyNet")
     assert described.returncode == 0, described.stdout + described.stderr
     assert "MyNet: all checks pass" in described.stdout and "features.14" in described.stdout
+
+
+def test_the_brief_table_keeps_the_layers_that_change_the_field_and_the_totals():
+    full, brief = describe(Net()).table(), describe(Net()).table(brief=True)
+    assert "BatchNorm2d" in full and "BatchNorm2d" not in brief and "ReLU" not in brief
+    assert full.splitlines()[-2:] == brief.splitlines()[-2:]  # the totals and the verdict
+    assert sum("Conv2d" in line for line in brief.splitlines()) == 6

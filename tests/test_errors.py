@@ -498,3 +498,22 @@ def test_bench_refuses_a_bad_json_path_or_an_absent_device_before_it_runs(tmp_pa
         assert bench.main(["--device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "no usable CUDA GPU" in err
+
+
+@pytest.mark.parametrize("content", ["[]", '{"epochs": []}',
+                                     '{"epochs": [{"acc": 1}], "seed": 0, "config": {}}'])
+def test_a_finished_run_whose_metrics_are_not_metrics_gets_one_line(tmp_path, capsys, content):
+    assert cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "seed0")[0] == 0
+    (tmp_path / "seed0" / "metrics.json").write_text(content)
+    refused(capsys, "--out", tmp_path / "seed0", "--resume", words="is not the metrics of a finished run")
+    refused(capsys, *SMALL_FLAGS, "--dry-run", "--seeds", "0", "--out", tmp_path, "--resume",
+            words="is not the metrics of a finished run")
+
+
+@pytest.mark.parametrize(("args", "words"), [(["--epochs", "1.5"], "argument --epochs: invalid int value"),
+                                             (["--color"], "unrecognized arguments: --color")])
+def test_flags_argparse_refuses_get_one_line_too(capsys, args, words):
+    with pytest.raises(SystemExit) as caught:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err

@@ -1,6 +1,7 @@
 """The notebook's first cell, run as a Colab user runs it: without the project's files beside it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,3 +44,22 @@ def test_with_an_address_the_first_cell_clones_and_the_project_imports(tmp_path)
     assert result.returncode == 0, result.stderr
     clone = tmp_path / ROOT.name
     assert result.stdout.split()[-3:] == [str(clone), "Net", str(clone / "data.py")]
+
+
+def stored_outputs():
+    """The text of every stored output of S6.ipynb, cell by cell."""
+    cells = json.loads((ROOT / "S6.ipynb").read_text())["cells"]
+    texts = []
+    for cell in cells:
+        for output in cell.get("outputs", []):
+            text = output.get("text") or output.get("data", {}).get("text/plain") or ""
+            texts.append("".join(text))
+    return texts
+
+
+def test_the_stored_outputs_are_a_full_run_with_no_machine_path_or_command_line_flag():
+    texts = stored_outputs()
+    assert any(line.startswith("epoch 20 ") for text in texts for line in text.splitlines())
+    for text in texts:
+        assert not re.search(r"(^|[\s'\"(=])/[\w.-]+/[\w.-]+", text), text
+        assert not re.search(r"(?<![\w-])--[a-z][a-z-]+", text), text

@@ -102,6 +102,11 @@ def test_plot_history_draws_train_and_test_curves_of_loss_and_accuracy():
     assert [list(line.get_ydata()) for line in loss_axes.lines] == [[1, 0.5, 1 / 3], [0.5, 0.25, 0.5 / 3]]
     assert list(acc_axes.lines[1].get_ydata()) == [98.6, 98.7, 98.8]
     assert "98.80%" in acc_axes.get_title()
+    # One epoch: its points sit inside axes of some extent, not on a degenerate range.
+    loss_axes, acc_axes = plot_history(history[:1]).axes
+    assert loss_axes.get_xlim() == acc_axes.get_xlim() == (0.5, 1.5)
+    low, high = loss_axes.get_ylim()
+    assert low < 0.5 and high > 1 and high / low > 2
 
 
 class Stop(Exception):

@@ -72,6 +72,7 @@ def main(argv=None):
         if out is None:
             raise ConfigError("--seeds needs --out DIR to hold one folder per seed and seeds.json")
         plan = [({**args, "seed": seed}, out / f"seed{seed}") for seed in parse_seeds(seeds)]
+        writing["folder"] = plan[0][1]
         check_seed_request(out, plan, resume=resume, overwrite=overwrite)
         for index, (given, folder) in enumerate(plan):
             writing["folder"] = folder
@@ -92,13 +93,14 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: {what_is_kept(writing['folder'], argv, seeds)}", file=sys.stderr)
+        kept = range_test_kept(out) if find_lr else what_is_kept(writing["folder"], argv, seeds)
+        print(f"interrupted: {kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of the output (such as head) has gone; further prints would fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"stopped: the output pipe was closed; {what_is_kept(writing['folder'], argv, seeds)}",
-              file=sys.stderr)
+        kept = range_test_kept(out) if find_lr else what_is_kept(writing["folder"], argv, seeds)
+        print(f"stopped: the output pipe was closed; {kept}", file=sys.stderr)
         return 141
 
 
@@ -199,6 +201,11 @@ def range_test(given, out=None, progress=True):
     print(f"to train with it: python train.py --model {config.model} --lr {result['suggested_lr']:.3g}; "
           f"the plot is {path}")
     return result
+
+
+def range_test_kept(out):
+    plot = (out or Path(".")) / "lr_range.png"
+    return f"the range test's plot is in {plot}" if plot.exists() else "the range test wrote nothing"
 
 
 def run_settings(out, given, *, resume=False, overwrite=False):

@@ -56,12 +56,16 @@ def model_names():
             continue
         bases = [ast.unparse(base) for base in node.bases]
         in_file = [base for base in bases if base in buildable]
-        if not in_file and not {"nn.Module", "torch.nn.Module", "Module"} & set(bases):
+        torch_modules = [base for base in bases if base.startswith(("nn.", "torch.nn.")) or base == "Module"]
+        if not in_file and not torch_modules:  # not a module: a helper class, say
             continue
         init = next((item for item in node.body
                      if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
-        if init is None:  # inherited: from a class of the file, or from nn.Module (no arguments)
-            buildable[node.name] = all(buildable[base] for base in in_file)
+        if init is None:  # inherited: from classes of the file, or from torch's, of which only these two
+            # build without arguments
+            buildable[node.name] = (all(buildable[base] for base in in_file)
+                                    and all(base.rpartition(".")[2] in ("Module", "Sequential")
+                                            for base in torch_modules))
         else:
             arguments = init.args
             positional = len(arguments.posonlyargs) + len(arguments.args) - 1  # less self

@@ -237,6 +237,8 @@ def test_the_last_line_says_where_the_files_are(tmp_path, capsys):
     assert code == 0 and out.splitlines()[-1].startswith(f"files in {tmp_path / 'run'}/: metrics.json")
     code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run")
     assert code == 0 and out.splitlines()[-1].startswith("nothing was saved: pass --out DIR")
+    # A dry run's accuracy means nothing, and it says so.
+    assert "a dry run checks that every part runs; the test accuracy of this run says little" in out
 
 
 @pytest.mark.slow  # one epoch on all 60,000 images: about 20-30 s on 2 cores

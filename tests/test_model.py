@@ -152,3 +152,39 @@ for cls in model.MODELS.values():
                             timeout=120, env={"PATH": "/usr/bin:/bin"}, check=False)
     assert result.returncode == 0, result.stderr
     assert "Net [" in result.stdout and "NetCompact [" in result.stdout and "NetTiny [" in result.stdout
+
+
+def test_the_names_read_from_the_source_agree_with_the_classes_for_other_shapes_of_class(tmp_path):
+    shutil.copy(ROOT / "model.py", tmp_path)
+    shutil.copy(ROOT / "config.py", tmp_path)
+    more = """
+
+class Stack(nn.Sequential):
+    pass
+
+
+class Wide(nn.Conv2d):
+    pass
+
+
+class Block(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+
+
+class Later(Net):
+    pass
+
+
+class Helper:
+    pass
+"""
+    with open(tmp_path / "model.py", "a") as file:
+        file.write(more)
+    script = ("import config, model; "
+              "print(list(config.model_names()) == list(model.MODELS), list(model.MODELS))")
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.stdout.split(" ", 1)[0] == "True", result.stdout + result.stderr
+    assert result.stdout.strip().endswith("'NetTiny', 'Stack', 'Later']")

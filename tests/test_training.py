@@ -241,21 +241,27 @@ def test_the_schedule_runs_however_few_the_steps(steps, warmup):
     assert all(0 < rate <= 0.2 + 1e-9 for rate in rates)
 
 
-def test_progress_bars_end_complete_on_the_last_batch(monkeypatch):
-    bars = []
+def test_progress_bars_move_and_end_complete_for_training_and_test(monkeypatch):
+    bars, losses_shown = [], []
 
     class RecordingBar(utils.tqdm):
+        def set_postfix(self, **kwargs):
+            losses_shown.append(kwargs["loss"])
+            super().set_postfix(**kwargs)
+
         def close(self):
             if not self.disable:
-                bars.append((self.n, self.total))
+                bars.append((self.desc, self.n, self.total))
             super().close()
 
     monkeypatch.setattr(utils, "tqdm", RecordingBar)
-    config = TrainConfig(**{**SMALL, "epochs": 1, "train_limit": 950})  # 10 batches, the last one short
+    # 50 batches of 20, the last one short; 500 test images in 25 batches.
+    config = TrainConfig(**{**SMALL, "epochs": 1, "batch_size": 20, "train_limit": 990, "ema": 0.0})
     train_loader, test_loader = make_loaders(config, CPU)
     fit(prepare_model(Net(), CPU), train_loader, test_loader, config, progress=True, log=lambda line: None)
-    assert bars and all(count == total for count, total in bars), bars
-    assert (10, 10) in bars
+    assert [(desc, n, total) for desc, n, total in bars] == [("epoch 1 train", 50, 50), ("test", 25, 25)]
+    # The running loss is shown after batches 20, 40 and 50 (every READ_EVERY and the last), and changes.
+    assert utils.READ_EVERY == 20 and len(losses_shown) == len(set(losses_shown)) == 3
 
 
 def test_the_weight_average_is_torchs_ema_of_every_step_from_the_initial_weights():

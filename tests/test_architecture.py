@@ -156,6 +156,7 @@ class MyNet(nn.Module):
 '''
 
 
+@pytest.mark.slow  # three fresh processes that load torch
 def test_a_model_added_to_model_py_trains_checks_and_describes_by_name(tmp_path):
     for path in ROOT.glob("*.py"):
         shutil.copy(path, tmp_path)

@@ -207,6 +207,7 @@ def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
     assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())
 
 
+@pytest.mark.slow  # a fresh Python process that loads torch and predicts 10,000 images
 def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
     snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
     assert 'torch.load("runs/first/model.pt")' in snippet and "load_mnist(make_config().data_dir" in snippet
@@ -252,6 +253,7 @@ def test_the_readme_first_try_ends_well_above_chance(tmp_path, capsys):
     assert final["test_acc"] > 97
 
 
+@pytest.mark.slow  # 300 batches of a range test: the range test itself is tested fast in test_training
 def test_find_lr_plots_the_range_test_and_suggests_a_peak(tmp_path, capsys):
     code, out, err = cli(capsys, "--find-lr", "--model", "NetTiny", "--batch-size", 32, "--quiet",
                          "--out", tmp_path)

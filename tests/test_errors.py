@@ -250,6 +250,7 @@ def script(*args):
     return [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, *map(str, args)]
 
 
+@pytest.mark.slow  # a fresh process that loads torch and trains
 def test_a_closed_output_pipe_stops_quietly(tmp_path):
     process = subprocess.Popen(script(*SMALL_FLAGS, "--epochs", 3, "--out", tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -343,15 +344,16 @@ def test_seeds_refuse_a_duplicate_seed_or_a_finished_seed_before_the_first_train
 def test_ctrl_c_during_seeds_hints_a_command_that_continues_the_same_seeds(tmp_path, capsys, monkeypatch):
     original, epochs_begun = utils.train_epoch, []
 
-    def ctrl_c_in_the_second_seeds_first_epoch(*args, **kwargs):
+    def ctrl_c_in_the_second_seeds_epoch(*args, **kwargs):
         epochs_begun.append(1)
-        if len(epochs_begun) == 3:  # two epochs a seed
+        if len(epochs_begun) == 2:  # one epoch a seed
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "train_epoch", ctrl_c_in_the_second_seeds_first_epoch)
-        code, _, err = cli(capsys, *SMALL_FLAGS, "--model", "NetTiny", "--seeds", "0-2", "--out", tmp_path)
+        patch.setattr(utils, "train_epoch", ctrl_c_in_the_second_seeds_epoch)
+        code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 1, "--model", "NetTiny", "--seeds", "0-2",
+                           "--out", tmp_path)
     assert code == 130 and "no epoch of seed 1 had finished" in err, err
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0]
     assert cli(capsys, *hinted_command(err))[0] == 0

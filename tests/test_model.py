@@ -135,6 +135,7 @@ def test_model_py_imports_only_torch():
     assert imported and all(name == "torch" or name.startswith("torch.") for name in imported), imported
 
 
+@pytest.mark.slow  # a fresh process that loads torch
 def test_model_py_copied_alone_imports_and_trains(tmp_path):
     shutil.copy(ROOT / "model.py", tmp_path)
     script = """

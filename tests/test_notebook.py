@@ -34,6 +34,7 @@ def test_a_bad_address_is_named_in_one_message(tmp_path):
     assert "git clone" in result.stderr and "nowhere" in result.stderr and "check REPO" in result.stderr
 
 
+@pytest.mark.slow  # a git clone and a fresh process that loads torch
 def test_with_an_address_the_first_cell_clones_and_the_project_imports(tmp_path):
     committed = subprocess.run(["git", "ls-files", "model.py", "data.py", "utils.py"], cwd=ROOT,
                                capture_output=True, text=True, check=False).stdout.split()

@@ -349,6 +349,7 @@ def test_the_static_step_updates_as_the_eager_loop_does(settings):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=name)
 
 
+@pytest.mark.slow  # two runs of 90 steps; the step itself is checked fast above
 def test_the_static_step_trains_to_the_same_accuracy():
     _, eager_history = train_small(seed=2, epochs=3, train_limit=3000)
     _, static_history = train_small(seed=2, epochs=3, train_limit=3000, step="static")

@@ -232,7 +232,7 @@ def lr_range_test(model, train_loader, config, *, iterations=300, start_lr=1e-4,
     Nesterov, weight decay), stopping once the loss has diverged. The model's weights are put back after.
 
     Returns {"lr": [...], "loss": [...] (smoothed), "suggested_lr", "rule"}. The suggestion is the
-    learning rate where the smoothed loss falls fastest (torch-lr-finder's rule), as a peak for the
+    learning rate where the smoothed loss falls fastest before its lowest point, as a peak for the
     one-cycle schedule: about where training makes the most progress per step.
     """
     import contextlib
@@ -255,12 +255,15 @@ def lr_range_test(model, train_loader, config, *, iterations=300, start_lr=1e-4,
                           step_mode="exp")
     finder.reset()
     rates, losses = finder.history["lr"], finder.history["loss"]
-    # torch-lr-finder's own rule (LRFinder.plot, which draws as it decides): the steepest slope of the
-    # loss over the steps, leaving out the first 10 and the last 5.
-    kept = slice(10, len(losses) - 5) if len(losses) > 17 else slice(0, len(losses))
-    steepest = torch.gradient(torch.tensor(losses[kept]))[0].argmin().item() if len(losses) > 1 else 0
-    return {"lr": rates, "loss": losses, "suggested_lr": rates[kept][steepest],
-            "rule": "the learning rate where the smoothed loss falls fastest (steepest slope)"}
+    # torch-lr-finder's rule (LRFinder.plot) is the steepest fall of the loss, leaving out the first 10
+    # steps. Searched only up to the loss's lowest point: after it a steep fall is a recovery from a
+    # spike, not a rate to train at (without this bound NetCompact's seed 2 suggested 1.98; RESULTS.md).
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    start = 10 if lowest > 11 else 0
+    window = torch.tensor(losses[start:lowest + 1])
+    steepest = start + (torch.gradient(window)[0].argmin().item() if len(window) > 1 else 0)
+    return {"lr": rates, "loss": losses, "suggested_lr": rates[steepest],
+            "rule": "the learning rate where the smoothed loss falls fastest, before its lowest point"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +429,7 @@ def plot_lr_range(result, recipe_lr=None):
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(result["lr"], result["loss"], lw=1.2)
     axes.axvline(result["suggested_lr"], color="crimson", ls="--", lw=1,
-                 label=f"suggested peak {result['suggested_lr']:.3g} ({result['rule'].split('(')[-1][:-1]})")
+                 label=f"suggested peak {result['suggested_lr']:.3g} (steepest fall)")
     if recipe_lr is not None:
         axes.axvline(recipe_lr, color="grey", ls=":", lw=1, label=f"the recipe's peak {recipe_lr:g}")
     axes.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",

@@ -155,6 +155,7 @@ for cls in model.MODELS.values():
     assert "Net [" in result.stdout and "NetCompact [" in result.stdout and "NetTiny [" in result.stdout
 
 
+@pytest.mark.slow  # a fresh process that loads torch
 def test_the_names_read_from_the_source_agree_with_the_classes_for_other_shapes_of_class(tmp_path):
     shutil.copy(ROOT / "model.py", tmp_path)
     shutil.copy(ROOT / "config.py", tmp_path)

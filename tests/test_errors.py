@@ -96,17 +96,22 @@ def test_resume_after_a_run_died_before_its_first_checkpoint_keeps_its_settings(
     refused(capsys, "--out", tmp_path, "--resume", "--lr", 0.3, words="lr 0.05 -> 0.3")
 
 
-def test_interrupt_after_an_epoch_says_the_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
-    original, epochs_begun = utils.train_epoch, []
+def ctrl_c_at_epoch(patch, number):
+    """Make Ctrl-C arrive as the ``number``-th epoch trained under ``patch`` begins."""
+    original, begun = utils.train_epoch, []
 
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        epochs_begun.append(1)
-        if len(epochs_begun) == 2:
+    def train_epoch(*args, **kwargs):
+        begun.append(1)
+        if len(begun) == number:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
+    patch.setattr(utils, "train_epoch", train_epoch)
+
+
+def test_interrupt_after_an_epoch_says_the_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
+        ctrl_c_at_epoch(patch, 2)
         code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path / "run")
     assert code == 130 and "the checkpoint of the run's last finished epoch is kept: continue with" in err
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
@@ -342,16 +347,8 @@ def test_seeds_refuse_a_duplicate_seed_or_a_finished_seed_before_the_first_train
 
 
 def test_ctrl_c_during_seeds_hints_a_command_that_continues_the_same_seeds(tmp_path, capsys, monkeypatch):
-    original, epochs_begun = utils.train_epoch, []
-
-    def ctrl_c_in_the_second_seeds_epoch(*args, **kwargs):
-        epochs_begun.append(1)
-        if len(epochs_begun) == 2:  # one epoch a seed
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "train_epoch", ctrl_c_in_the_second_seeds_epoch)
+        ctrl_c_at_epoch(patch, 2)  # one epoch a seed: in seed 1
         code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 1, "--model", "NetTiny", "--seeds", "0-2",
                            "--out", tmp_path)
     assert code == 130 and "no epoch of seed 1 had finished" in err, err
@@ -434,16 +431,8 @@ def test_resume_of_a_finished_run_with_another_recipe_is_refused(tmp_path, capsy
 
 def test_resume_reads_mnist_data_as_a_new_run_does(tmp_path, capsys, monkeypatch, raw_copy):
     moved = raw_copy.parent.parent  # a data folder that will move
-    original, epochs_begun = utils.train_epoch, []
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        epochs_begun.append(1)
-        if len(epochs_begun) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "train_epoch", ctrl_c_in_epoch_2)
+        ctrl_c_at_epoch(patch, 2)
         assert cli(capsys, *SMALL_FLAGS, "--data-dir", moved, "--out", tmp_path / "run")[0] == 130
     for link in raw_copy.iterdir():
         link.unlink()

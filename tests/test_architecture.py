@@ -99,9 +99,13 @@ def test_a_field_smaller_than_the_image_is_said_plainly():
     assert "sees only 5x5 pixels, less than the 28x28 image" in str(description)
 
 
-@pytest.mark.parametrize(("name", "budget"), [("Net", 20_000), ("NetCompact", 8_000), ("NetTiny", 5_000)])
-def test_every_model_passes_the_checks_within_its_budget(name, budget):
-    checks = check_model(MODELS[name](), budget=budget)
+# The budget each model was built for; a model added to model.py is held to the project's 20,000.
+BUDGETS = {"Net": 20_000, "NetCompact": 8_000, "NetTiny": 5_000}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_passes_the_checks_within_its_budget(name):
+    checks = check_model(MODELS[name](), budget=BUDGETS.get(name, 20_000))
     assert checks.passed, str(checks)
     assert not check_model(MODELS[name](), budget=1_000).passed
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import config
 from conftest import ROOT
-from model import MODELS, Net, NetCompact, NetTiny
+from model import MODELS, Net, NetCompact, NetMicro, NetTiny
 
 
 def parameters(model):
@@ -21,6 +21,7 @@ def test_parameter_budgets():
     assert parameters(Net()) < 20_000
     assert parameters(NetCompact()) < 8_000
     assert parameters(NetTiny()) < 5_000
+    assert parameters(NetMicro()) < 3_000
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -37,7 +38,7 @@ def test_built_from_conv_batchnorm_dropout_and_global_average_pooling(name):
     assert (convs[-1].in_channels, convs[-1].out_channels) == (convs[-2].out_channels, 10)
 
 
-@pytest.mark.parametrize("cls, full", [(NetCompact, 1), (NetTiny, 2)])
+@pytest.mark.parametrize("cls, full", [(NetCompact, 1), (NetTiny, 2), (NetMicro, 1)])
 def test_the_small_models_are_depthwise_separable_after_their_full_convolutions(cls, full):
     convs = [module for module in cls().modules() if isinstance(module, nn.Conv2d)][:-1]  # less the head
     assert all(conv.kernel_size == (3, 3) and conv.groups == 1 for conv in convs[:full])
@@ -67,7 +68,7 @@ def test_dropout_acts_in_training_and_not_in_evaluation(name):
 
 
 def test_the_model_names_read_without_torch_are_the_classes_model_py_defines():
-    assert config.model_names() == tuple(MODELS) == ("Net", "NetCompact", "NetTiny")
+    assert config.model_names() == tuple(MODELS) == ("Net", "NetCompact", "NetTiny", "NetMicro")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -189,4 +190,4 @@ class Helper:
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.stdout.split(" ", 1)[0] == "True", result.stdout + result.stderr
-    assert result.stdout.strip().endswith("'NetTiny', 'Stack', 'Later']")
+    assert result.stdout.strip().endswith("'NetMicro', 'Stack', 'Later']")

@@ -317,7 +317,7 @@ def test_a_model_trains_with_its_recipe_unless_told_otherwise():
     assert make_config() == TrainConfig()
     assert make_config(recipe="speedrun").epochs == RECIPES["speedrun"]["epochs"]
     with pytest.raises(ConfigError, match="unknown recipe 'fast': choose one of Net, NetCompact, NetTiny, "
-                                          "speedrun"):
+                                          "NetMicro, speedrun"):
         make_config(recipe="fast")
 
 

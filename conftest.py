@@ -12,9 +12,17 @@ from data import MNIST_FILES, load_mnist
 # pytest re-executes S6.ipynb through nbval: in a short setting unless S6_SMOKE=0 asks for the full run.
 os.environ.setdefault("S6_SMOKE", "1")
 
+
+def pytest_collection_modifyitems(items):
+    # Even in its short setting the notebook takes a third of the fast loop: it runs with the slow tests.
+    for item in items:
+        if item.nodeid.startswith("S6.ipynb"):
+            item.add_marker(pytest.mark.slow)
+
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
-DATA_DIR = TrainConfig().data_dir  # MNIST_DATA, else ./data
+# MNIST_DATA, else ./data; absolute, since some tests start processes in other folders.
+DATA_DIR = os.path.abspath(TrainConfig().data_dir)
 # Every short training run of the tests: 10 batches of 100 training images, 500 test images. No weight
 # average: over a few dozen steps it would still be close to the initial weights.
 SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100, "ema": 0.0}

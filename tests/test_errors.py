@@ -131,6 +131,7 @@ def hinted_command(message):
     return words[2:]
 
 
+@pytest.mark.slow  # three short runs, one of them killed by a full disk and resumed
 def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
     assert cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", tmp_path / "whole")[0] == 0
     save, saves = torch.save, []
@@ -346,6 +347,7 @@ def test_seeds_refuse_a_duplicate_seed_or_a_finished_seed_before_the_first_train
     assert sorted(path.name for path in tmp_path.iterdir()) == ["seed2"]
 
 
+@pytest.mark.slow  # two seeds trained, interrupted and continued; one run is checked fast above
 def test_ctrl_c_during_seeds_hints_a_command_that_continues_the_same_seeds(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         ctrl_c_at_epoch(patch, 2)  # one epoch a seed: in seed 1

@@ -160,6 +160,7 @@ def assert_same_run(first, second):
     assert without_timings(first_history) == without_timings(second_history)
 
 
+@pytest.mark.slow  # three runs: whole, interrupted and resumed
 def test_weight_average_is_what_is_tested_kept_and_resumed(tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.8})  # 30 steps: 0.8 ** 30 of the start is left
     straight, resumed = straight_and_resumed(config, tmp_path, stop_after_epoch=2)
@@ -368,6 +369,7 @@ def test_the_static_step_trains_to_the_same_accuracy():
     assert static_history[-1]["test_acc"] > 90
 
 
+@pytest.mark.slow  # the static step is off by default; its update is checked fast above
 def test_the_static_step_resumes_exactly(tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 3, "ema": 0.8, "step": "static"})
     assert_same_run(*straight_and_resumed(config, tmp_path, stop_after_epoch=2))

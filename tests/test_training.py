@@ -324,9 +324,10 @@ def test_a_model_trains_with_its_recipe_unless_told_otherwise():
 
 @pytest.fixture
 def float64():
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("settings", [{"ema": 0.0}, {"ema": 0.9, "label_smoothing": 0.1}, {"momentum": 0.0},
@@ -348,9 +349,8 @@ def test_the_static_step_updates_as_the_eager_loop_does(settings, float64):
         sums.append(train_epoch(model, batches, optimizer, scheduler, averaged=averaged,
                                 label_smoothing=config.label_smoothing, static_step=step, progress=False))
         averages.append(averaged)
-    # Mappings: a failure names the tensor that differs.
     eager, static = (dict(model.state_dict()) for model in models)
-    torch.testing.assert_close(static, eager, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(static, eager, rtol=1e-9, atol=1e-12)  # a failure names the tensor
     assert sums[1]["train_acc"] == sums[0]["train_acc"]
     assert sums[1]["train_loss"] == pytest.approx(sums[0]["train_loss"], rel=1e-9)
     if config.ema:

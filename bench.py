@@ -33,9 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from config import TrainConfig, TrainingError, make_config
+from config import TRAIN_IMAGES, TrainConfig, TrainingError, build_model, make_config, model_names
 from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
-from model import MODELS
 from utils import (
     average_of,
     check_step,
@@ -49,7 +48,6 @@ from utils import (
     train_epoch,
 )
 
-TRAIN_IMAGES = 60_000
 MEDIAN_KEYS = ("epoch_seconds", "images_per_second", "test_seconds", "peak_memory_mb")
 
 
@@ -173,7 +171,7 @@ def run_arm(arm, config, chunk, chunks):
     else:
         if device.type == "cpu":
             keep_freed_memory()
-        model = prepare_model(MODELS[config.model](), device)
+        model = prepare_model(build_model(config.model), device)
         chunk = min(chunk, TRAIN_IMAGES // config.batch_size)
         # train.py's own epoch (train_epoch, with --step as given) over a split of one chunk of batches:
         # each call shuffles and warps it as an epoch does, so the warp is timed in proportion.
@@ -215,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto",
                         help="where both arms run: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
                         "(default: auto)")
-    parser.add_argument("--model", default="Net", choices=list(MODELS))
+    parser.add_argument("--model", default="Net", choices=model_names())
     parser.add_argument("--step", default=TrainConfig().step,
                         help="our training step: eager, static or graph "
                         "(as train.py --step)")

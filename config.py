@@ -10,6 +10,7 @@ import ast
 import math
 import os
 import re
+import traceback
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from pathlib import Path
@@ -41,36 +42,114 @@ class NonFiniteLossError(TrainingError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The models, by name
+# The models, by name: read from model.py's source, so that --help lists them before torch loads
 
 
 @cache
-def model_names():
-    """The model classes of model.py, in the order they are defined: every class that derives from
-    nn.Module (directly or through another class of the file) and can be built without arguments.
-    Read from the source, as model.MODELS finds them by import; a test checks that the two agree."""
-    tree = ast.parse((Path(__file__).resolve().parent / "model.py").read_text())
-    buildable = {}  # class name -> whether it builds without arguments, for each module class of the file
+def model_classes():
+    """The nn.Module classes of model.py by name, in the order they are defined, each with the arguments
+    its ``__init__`` needs (empty for a model that builds without arguments). A class counts if it derives
+    from torch's nn classes, directly or through another class of the file. ConfigError if model.py does
+    not parse."""
+    path = Path(__file__).resolve().parent / "model.py"
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as error:
+        raise ConfigError(f"model.py does not parse ({error.msg}, line {error.lineno}): fix it and run "
+                          "again") from None
+    except OSError as error:
+        raise ConfigError(f"model.py cannot be read ({error.strerror}): the models live there") from None
+    needs = {}
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
             continue
         bases = [ast.unparse(base) for base in node.bases]
-        in_file = [base for base in bases if base in buildable]
-        torch_modules = [base for base in bases if base.startswith(("nn.", "torch.nn.")) or base == "Module"]
-        if not in_file and not torch_modules:  # not a module: a helper class, say
+        in_file = [base for base in bases if base in needs]
+        from_torch = [base for base in bases if base.startswith(("nn.", "torch.nn.")) or base == "Module"]
+        if not in_file and not from_torch:  # not a module: a helper class, say
             continue
         init = next((item for item in node.body
                      if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
-        if init is None:  # inherited: from classes of the file, or from torch's, of which only these two
-            # build without arguments
-            buildable[node.name] = (all(buildable[base] for base in in_file)
-                                    and all(base.rpartition(".")[2] in ("Module", "Sequential")
-                                            for base in torch_modules))
+        if init is None:  # inherited: of torch's classes only these two build without arguments
+            needs[node.name] = sum((needs[base] for base in in_file), ()) + tuple(
+                f"those of {base}" for base in from_torch
+                if base.rpartition(".")[2] not in ("Module", "Sequential"))
         else:
             arguments = init.args
-            positional = len(arguments.posonlyargs) + len(arguments.args) - 1  # less self
-            buildable[node.name] = positional == len(arguments.defaults) and None not in arguments.kw_defaults
-    return tuple(name for name, ok in buildable.items() if ok)
+            positional = [*arguments.posonlyargs, *arguments.args][1:]  # less self
+            required = positional[:len(positional) - len(arguments.defaults)]
+            keywords = [arg for arg, default in zip(arguments.kwonlyargs, arguments.kw_defaults)
+                        if default is None]
+            needs[node.name] = tuple(arg.arg for arg in [*required, *keywords])
+    return needs
+
+
+def model_names():
+    """The models of model.py: its nn.Module classes that build without arguments."""
+    return tuple(name for name, needed in model_classes().items() if not needed)
+
+
+def check_model_name(name):
+    """ConfigError, saying what to do, unless ``name`` is a model of model.py."""
+    needed = model_classes().get(name)
+    if needed:
+        raise ConfigError(f"model {name!r} needs arguments ({', '.join(needed)}) to be built: give them "
+                          f"defaults in its __init__ in model.py, so that {name}() builds it")
+    if needed is None:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(model_names())} (or add a class "
+                          "to model.py)")
+
+
+def build_model(name):
+    """A new ``name`` model of model.py (this imports model.py, and torch). ConfigError in one line if
+    model.py does not import or the class cannot be built."""
+    check_model_name(name)
+    try:
+        import model
+    except Exception as error:  # noqa: BLE001 (whatever the learner's file raises, said in one line)
+        raise ConfigError(f"model.py does not import ({error_text(error)}): fix it and run again") from None
+    try:
+        return getattr(model, name)()
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(f"{name}() fails ({error_text(error)}): fix its __init__ in model.py") from None
+
+
+def error_text(error):
+    """An exception in one line, with the line of model.py it came from."""
+    where = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if Path(frame.filename).name == "model.py"]
+    text = " ".join(str(error).split()) or "no message"
+    return f"{type(error).__name__}: {text}" + (f", model.py line {where[-1]}" if where else "")
+
+
+# The parameter budget each shipped model was built for; any other model is held to its brief's.
+BUDGETS = {"Net": 20_000, "NetCompact": 8_000, "NetTiny": 5_000, "NetMicro": 3_000}
+
+
+@dataclass(frozen=True)
+class Brief:
+    """What a course brief asks: fewer than ``budget`` parameters, at most ``epochs`` epochs, and at
+    least ``target`` percent test accuracy in each of the last ``last`` epochs."""
+
+    budget: int
+    epochs: int
+    target: float
+    last: int = 1
+
+    def __str__(self):
+        held = f"in each of the last {self.last} epochs" if self.last > 1 else "at the end"
+        return (f"under {self.budget:,} parameters, {self.epochs} epochs or fewer, {self.target:g}% test "
+                f"accuracy {held}")
+
+
+BRIEFS = {"S6": Brief(budget=20_000, epochs=20, target=99.4),
+          "S7": Brief(budget=8_000, epochs=15, target=99.4, last=3)}
+
+
+def budget_of(model, brief="S6"):
+    """The parameter budget ``model`` (a name) is checked against: its own if it is shipped, else the
+    brief's."""
+    return BUDGETS.get(model, BRIEFS[brief].budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +165,8 @@ class TrainConfig:
     """Every setting of a training run, with its default and its help; train.py makes a flag of each."""
 
     model: str = setting("Net", "model class in model.py")
+    brief: str = setting("S6", "the course brief the run is judged by; it caps the recipe's epochs: "
+                               + "; ".join(f"{name}, {brief}" for name, brief in BRIEFS.items()))
     epochs: int = setting(20, "epochs to train")
     batch_size: int = setting(256, "training and test batch size")
     lr: float = setting(0.2, "peak learning rate of the one-cycle schedule")
@@ -127,9 +208,9 @@ class TrainConfig:
             expected = (int, float) if spec.type is float else spec.type
             if not isinstance(value, expected) or (isinstance(value, bool) and spec.type is not bool):
                 raise ConfigError(f"setting {spec.name} must be a {spec.type.__name__}, got {value!r}")
+        check_model_name(self.model)
         checks = [
-            (self.model in model_names(),
-             f"unknown model {self.model!r}: choose one of {', '.join(model_names())}"),
+            (self.brief in BRIEFS, f"unknown brief {self.brief!r}: choose one of {', '.join(BRIEFS)}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0,
@@ -173,6 +254,19 @@ def default_setting(name):
     return spec.default_factory() if spec.default is MISSING else spec.default
 
 
+def changed_settings(config):
+    """The settings in which ``config`` differs from the defaults, as 'name value' (its model, seed, data
+    folder and device left out: a run names them apart)."""
+    words = []
+    for spec in fields(config):
+        name, value = spec.name.replace("_", "-"), getattr(config, spec.name)
+        if spec.name in ("model", "data_dir", "device", "seed") or value == default_setting(spec.name):
+            continue
+        words.append(name if value is True else f"no-{name}" if value is False else
+                     f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
+    return words
+
+
 # ---------------------------------------------------------------------------------------------
 # Measured recipes: the settings in which each differs from TrainConfig's defaults (see RESULTS.md).
 # A model trains with the recipe of its name unless another is named; settings given override both.
@@ -194,7 +288,7 @@ RECIPES = {
 
 def make_config(recipe=None, **settings):
     """A TrainConfig of the named recipe (default: the recipe of ``settings["model"]``, else Net's),
-    with ``settings`` on top."""
+    trained for no more epochs than its brief allows, with ``settings`` on top."""
     if recipe is not None and (not isinstance(recipe, str) or recipe not in RECIPES):
         raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if unknown := sorted(set(settings) - TrainConfig.__dataclass_fields__.keys(), key=str):
@@ -202,14 +296,18 @@ def make_config(recipe=None, **settings):
                           f"{', '.join(TrainConfig.__dataclass_fields__)}")
     model = settings.get("model", "Net")
     base = RECIPES.get(recipe or (model if isinstance(model, str) else "Net"), {})
+    brief = BRIEFS.get(settings.get("brief", default_setting("brief")))
+    if brief is not None and "epochs" not in settings:
+        base = {**base, "epochs": min(base.get("epochs", default_setting("epochs")), brief.epochs)}
     return TrainConfig(**{**base, **settings})
 
 
 # ---------------------------------------------------------------------------------------------
 # Resuming: which settings a resumed run may change
 
-# Settings that may differ between a run and its resumption: where data lives and what runs it.
-RESUMABLE_CHANGES = {"data_dir", "device"}
+# Settings that may differ between a run and its resumption: where data lives, what runs it, and what it
+# is judged by.
+RESUMABLE_CHANGES = {"data_dir", "device", "brief"}
 
 
 def settings_changes(saved, config):

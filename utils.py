@@ -20,8 +20,9 @@ import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
+from architecture import output_problem
 from checkpoints import restore_checkpoint, save_checkpoint
-from config import TRAIN_IMAGES, ConfigError, NonFiniteLossError, TrainConfig
+from config import TRAIN_IMAGES, ConfigError, NonFiniteLossError, TrainConfig, changed_settings, error_text
 
 # ---------------------------------------------------------------------------------------------
 # Training: fit, one epoch, the test pass
@@ -36,6 +37,10 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"fit needs a TrainConfig (config.make_config(...)), got {type(config).__name__}")
+    params = sum(p.numel() for p in model.parameters())
+    changed = ", ".join(changed_settings(config)) or "none"
+    log(f"{config.model}: {params:,} parameters, seed {config.seed}, on {next(model.parameters()).device}; "
+        f"settings other than the defaults: {changed}")
     steps = config.epochs * len(train_loader)
     optimizer, scheduler = make_optimizer(model, config, steps)
     averaged = average_of(model, config.ema if average_is_ready(config.ema, steps) else 0.0)
@@ -82,7 +87,7 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
         # Saved before the line is printed, so that a closed pipe or Ctrl-C there loses nothing.
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, optimizer, scheduler, train_loader, config, history, averaged)
-        log(format_epoch(history[-1]))
+        log(format_epoch(history[-1], config.epochs))
         if row:
             log(f"BatchNorm statistics re-estimated on the unaugmented training images: test accuracy "
                 f"{row['test_acc_before_clean_bn']:.2f}% -> {history[-1]['test_acc']:.2f}%")
@@ -110,6 +115,8 @@ def train_epoch(model, loader, optimizer, scheduler, *, averaged=None, label_smo
     for batch, (images, labels) in enumerate(bar, start=1):
         if static_step is None:
             log_probs = model(images)
+            # cross_entropy takes the log_softmax of its input: of log-probabilities that is themselves (they
+            # already sum to 1), so this is nll_loss, with the label smoothing that nll_loss lacks.
             loss = F.cross_entropy(log_probs, labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,8 +161,8 @@ def evaluate(model, loader, *, progress=False):
             "predictions": predictions.cpu()}
 
 
-def format_epoch(row):
-    return (f"epoch {row['epoch']:2d}  lr {row['lr']:.4f} -> {row['lr_end']:.4f}  train loss "
+def format_epoch(row, epochs):
+    return (f"epoch {row['epoch']:2d}/{epochs}  lr {row['lr']:.4f} -> {row['lr_end']:.4f}  train loss "
             f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc "
             f"{row['test_acc']:.2f}%  {row['seconds']:.1f} + {row['test_seconds']:.1f} s")
 
@@ -321,9 +328,40 @@ def check_step(step, device):
                           "or static there")
 
 
-def prepare_model(model, device):
-    """Move to the device in the layout measured fastest there (channels_last)."""
-    return model.to(device, memory_format=torch.channels_last)
+def prepare_model(model, device, log=print):
+    """``model`` on ``device``, checked on two images: in the memory layout measured fastest
+    (channels_last) where its forward allows it, else in the standard one, with a note. ConfigError, in
+    one line, for a model that cannot train here: no parameters, a forward that fails, an output that is
+    not log-probabilities of shape (N, 10)."""
+    name = type(model).__name__
+    if not any(True for _ in model.parameters()):
+        raise ConfigError(f"{name} has no parameters to train: create its layers in __init__ as attributes "
+                          "(self.conv1 = nn.Conv2d(...)); layers kept in a list need nn.ModuleList")
+    # Eval mode and fixed images: the check draws no random numbers and changes no BatchNorm statistics,
+    # so a run trains exactly as without it.
+    images = torch.linspace(-0.42, 2.82, 2 * 28 * 28, device=device).reshape(2, 1, 28, 28)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                output = model.to(device, memory_format=torch.channels_last)(images)
+            except Exception as error:  # noqa: BLE001 (a learner's forward may raise anything)
+                model.to(memory_format=torch.contiguous_format)
+                try:
+                    output = model(images)
+                except Exception as again:  # noqa: BLE001
+                    raise ConfigError(f"{name}'s forward fails on a batch shaped (2, 1, 28, 28) "
+                                      f"({error_text(again)}): fix it in model.py (python architecture.py "
+                                      f"{name} shows each layer's output)") from None
+                log(f"note: {name} trains in the standard memory layout: in channels_last, the faster one "
+                    f"here, its forward fails ({error_text(error)}); x.flatten(1) instead of "
+                    "x.view(x.size(0), -1) works in both")
+    finally:
+        model.train(was_training)
+    if problem := output_problem(output, 2):
+        raise ConfigError(f"{name} {problem}")
+    return model
 
 
 def keep_freed_memory():

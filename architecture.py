@@ -433,9 +433,9 @@ def main(argv=None):
                                                  "model.py (the shipped ones by default).")
     parser.add_argument("models", nargs="*", metavar="MODEL",
                         help="model names (default: the shipped models)")
-    parser.add_argument("--brief", choices=list(BRIEFS), default="S6",
-                        help="the course brief whose budget a model of your own is held to (default: S6); "
-                        "the shipped models keep their own")
+    parser.add_argument("--brief", choices=list(BRIEFS),
+                        help="the course brief whose parameter budget the models are held to (default: a "
+                        "shipped model's own, S6's for the others)")
     parser.add_argument("--budget", type=int, help="a parameter budget for every model named instead")
     parser.add_argument("--allow-linear", action="store_true", help="allow fully connected layers")
     parser.add_argument("--short", action="store_true",

@@ -45,20 +45,27 @@ class NonFiniteLossError(TrainingError):
 # The models, by name: read from model.py's source, so that --help lists them before torch loads
 
 
-@cache
+MODEL_FILE = Path(__file__).resolve().parent / "model.py"
+
+
 def model_classes():
     """The nn.Module classes of model.py by name, in the order they are defined, each with the arguments
-    its ``__init__`` needs (empty for a model that builds without arguments). A class counts if it derives
-    from torch's nn classes, directly or through another class of the file. ConfigError if model.py does
-    not parse."""
-    path = Path(__file__).resolve().parent / "model.py"
+    its ``__init__`` needs (empty for a model that builds without arguments). ConfigError if model.py
+    cannot be read or does not parse."""
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
+        return classes_in(MODEL_FILE.read_text())
     except SyntaxError as error:
         raise ConfigError(f"model.py does not parse ({error.msg}, line {error.lineno}): fix it and run "
                           "again") from None
     except OSError as error:
         raise ConfigError(f"model.py cannot be read ({error.strerror}): the models live there") from None
+
+
+@cache
+def classes_in(source):
+    """model_classes of a module's ``source``: a class counts if it derives from torch's nn classes,
+    directly or through another class of the file."""
+    tree = ast.parse(source)
     needs = {}
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
@@ -146,10 +153,10 @@ BRIEFS = {"S6": Brief(budget=20_000, epochs=20, target=99.4),
           "S7": Brief(budget=8_000, epochs=15, target=99.4, last=3)}
 
 
-def budget_of(model, brief="S6"):
-    """The parameter budget ``model`` (a name) is checked against: its own if it is shipped, else the
-    brief's."""
-    return BUDGETS.get(model, BRIEFS[brief].budget)
+def budget_of(model, brief=None):
+    """The parameter budget ``model`` (a name) is checked against: the ``brief``'s if one is named, else
+    its own if it is shipped, else the S6 brief's."""
+    return BRIEFS[brief].budget if brief else BUDGETS.get(model, BRIEFS["S6"].budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +248,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.data_dir = os.path.expanduser(self.data_dir)  # where the shell did not: --data-dir=~/mnist
         if self.dry_run:
             # A preset of the limits, so that the loops know nothing of dry runs.
             self.epochs = 1
@@ -294,6 +302,9 @@ def make_config(recipe=None, **settings):
     if unknown := sorted(set(settings) - TrainConfig.__dataclass_fields__.keys(), key=str):
         raise ConfigError(f"unknown setting(s) {', '.join(map(repr, unknown))}: the settings are "
                           f"{', '.join(TrainConfig.__dataclass_fields__)}")
+    if settings.get("dry_run") and settings.get("epochs", 1) != 1:
+        raise ConfigError("a dry run trains one epoch of two batches: leave out the epochs (--epochs), or "
+                          "the dry run")
     model = settings.get("model", "Net")
     base = RECIPES.get(recipe or (model if isinstance(model, str) else "Net"), {})
     brief = BRIEFS.get(settings.get("brief", default_setting("brief")))

@@ -5,14 +5,16 @@ device, and the two pipelines that yield normalised batches.
 """
 
 import math
+import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from config import TEST_IMAGES, TRAIN_IMAGES, DataError
+from config import TEST_IMAGES, TRAIN_IMAGES, ConfigError, DataError, TrainConfig
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -23,6 +25,17 @@ def make_loaders(config, device):
     Both yield (normalised images (B, 1, 28, 28), labels (B,)) on the device and expose ``generator``,
     whose state a checkpoint saves, so the training loop never tells them apart.
     """
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"make_loaders needs a TrainConfig (config.make_config(...)), got "
+                          f"{type(config).__name__}")
+    config = replace(config)  # checked again, as edits after make_config are not: a dry run set then counts
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        reason = "no usable CUDA GPU" if "cuda" in str(device).lower() else " ".join(str(error).split())
+        raise ConfigError(f"device {str(device)!r} cannot be used here ({reason}): use utils.pick_device() "
+                          "for the best one present") from None
     loaders = []
     for train, limit in ((True, config.train_limit), (False, config.test_limit)):
         images, labels = load_mnist(config.data_dir, train=train)
@@ -167,7 +180,7 @@ REMEDY = ("delete it so that it is downloaded again, or point --data-dir (MNIST_
 def mnist_root(folder):
     """The folder torchvision reads MNIST from (the one holding MNIST/raw), for a ``folder`` given as
     that folder, as its MNIST/ or as MNIST/raw/ itself."""
-    path = Path(folder)
+    path = Path(folder).expanduser()
     if path.name == "raw" and path.parent.name == "MNIST":
         return path.parent.parent
     if path.name == "MNIST" and not (path / "MNIST").is_dir():
@@ -184,6 +197,10 @@ def load_mnist(root, train, download=True):
     """
     root = mnist_root(root)
     raw = root / "MNIST" / "raw"
+    for folder in (root, raw.parent, raw):
+        if folder.is_file():
+            raise DataError(f"{folder} is a file, not a folder: point --data-dir (MNIST_DATA) at the folder "
+                            "holding MNIST/raw")
     for name in MNIST_FILES:
         if (raw / name).exists() and (problem := mnist_file_problem(raw / name)):
             raise DataError(f"MNIST file {raw / name} {problem}")
@@ -241,6 +258,11 @@ def download_mnist(root, missing):
     """Download MNIST into ``root/MNIST/raw``; on failure, remove the folders this call made."""
     raw = Path(root) / "MNIST" / "raw"
     made = [folder for folder in (Path(root), raw.parent, raw) if not folder.exists()]
+    existing = next(folder for folder in (raw, *raw.parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{missing_files(missing)} missing from {raw} and cannot be downloaded there "
+                        "(the folder cannot be written): point --data-dir (MNIST_DATA) at a folder holding "
+                        "MNIST/raw, or one you can write to")
     try:
         torchvision.datasets.MNIST(root, train=True, download=True)
     except (RuntimeError, OSError, ValueError) as error:  # URLError is an OSError

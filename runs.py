@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import statistics
 import tempfile
 from pathlib import Path
@@ -119,9 +120,10 @@ class RunFolder:
         path = self.path
         while True:
             try:
-                is_folder = path.is_dir()
-                exists = is_folder or path.exists()
-            except OSError as error:
+                is_folder, exists = stat.S_ISDIR(os.stat(path).st_mode), True
+            except (FileNotFoundError, NotADirectoryError):  # the second: a file above it, said below
+                is_folder = exists = False
+            except OSError as error:  # a symbolic link loop, a name too long, ...
                 raise ConfigError(f"--out {self} cannot be used ({error.strerror}): choose another "
                                   "folder") from None
             if exists and not is_folder:

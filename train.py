@@ -21,11 +21,11 @@ from pathlib import Path
 
 import runs
 from config import (
+    BRIEFS,
     RECIPES,
     ConfigError,
     TrainConfig,
     TrainingError,
-    budget_of,
     default_setting,
     make_config,
     model_names,
@@ -63,20 +63,25 @@ def main(argv=None):
         sys.stdout.flush()  # a full disk shows here, not in an "Exception ignored" as Python exits
         return 0
     except TrainingError as error:
-        return stop(f"error: {error}", 2)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as interrupt:
         folder = getattr(interrupt, "folder", folder)
-        return stop(f"interrupted: {stopped(request, folder, getattr(interrupt, 'restored', False))}", 130)
+        print(f"interrupted: {stopped(request, folder, getattr(interrupt, 'restored', False))}",
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of the output (such as head) has gone
-        return stop(f"stopped: the output pipe was closed; {stopped(request, folder)}", 141)
+        return output_lost(f"stopped: the output pipe was closed; {stopped(request, folder)}", 141)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EIO) or error.filename is not None:
             raise
-        return stop(f"error: the output cannot be written ({error.strerror}); {stopped(request, folder)}", 2)
+        kept = stopped(request, folder)
+        return output_lost(f"error: the output cannot be written ({error.strerror}); {kept}", 2)
 
 
-def stop(message, code):
-    # Further writes to standard output would fail again, as Python flushes it on the way out.
+def output_lost(message, code):
+    # Standard output fails: what Python would still flush into it on the way out goes nowhere instead of
+    # failing again with an "Exception ignored" message.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     print(message, file=sys.stderr)
     return code
@@ -108,7 +113,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
     seed_everything(config.seed, device, config.deterministic)
     model = prepare_model(build_model(config.model), device)
     params = sum(p.numel() for p in model.parameters())
-    if params >= (budget := budget_of(config.model, config.brief)):
+    if params >= (budget := BRIEFS[config.brief].budget):
         print(f"note: {config.model} has {params:,} parameters, over the {config.brief} budget of {budget:,}")
     train_loaders = make_loaders(config, device)
     if folder is None:
@@ -277,7 +282,7 @@ def parse_args(argv):
                              "recipe (default: the recipe of --model); flags given override it")
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
-        text = spec.metadata["help"]
+        text = spec.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if spec.name == "model":
             text += f": {', '.join(model_names())}"
         if spec.type is bool:
@@ -313,8 +318,6 @@ def parse_args(argv):
          "--find-lr trains nothing to resume or repeat: leave out --resume and --seeds"),
         (seeds is not None and out is None, "--seeds needs --out DIR, for a folder per seed and seeds.json"),
         (seeds is not None and "seed" in given, "--seed and --seeds both name seeds: pass one"),
-        (given.get("dry_run") and "epochs" in given,
-         "--dry-run trains one epoch of two batches: leave out --epochs, or --dry-run"),
     ]
     for conflict, message in conflicts:
         if conflict:

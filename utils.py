@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,16 @@ from tqdm.auto import tqdm
 
 from architecture import output_problem
 from checkpoints import restore_checkpoint, save_checkpoint
-from config import TRAIN_IMAGES, ConfigError, NonFiniteLossError, TrainConfig, changed_settings, error_text
+from config import (
+    TRAIN_IMAGES,
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    changed_settings,
+    error_text,
+    model_names,
+)
+from runs import kept
 
 # ---------------------------------------------------------------------------------------------
 # Training: fit, one epoch, the test pass
@@ -32,14 +42,27 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
         log=print):
     """Train for ``config.epochs`` with SGD under a one-cycle schedule (see make_optimizer).
 
-    Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a path), saves everything
-    needed to continue after every epoch, atomically; with ``resume`` also, continues from it.
+    Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a path, or a run folder for its
+    checkpoint.pt), saves everything needed to continue after every epoch, atomically; with ``resume``
+    also, continues from it.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"fit needs a TrainConfig (config.make_config(...)), got {type(config).__name__}")
+    config = replace(config)  # checked again, as edits after make_config are not: epochs = 0, a dry run
+    name = type(model).__name__
+    if name != config.model and name in model_names():
+        raise ConfigError(f"the model is a {name} and the settings are for {config.model}: make the "
+                          f"settings with make_config(model={name!r}), or the model with "
+                          "build_model(config.model)")
+    if checkpoint is not None:
+        if not str(checkpoint).strip():
+            raise ConfigError("checkpoint is empty: give a path such as runs/s6/checkpoint.pt, or None to "
+                              "keep none")
+        checkpoint = Path(checkpoint).expanduser()
+        checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
     params = sum(p.numel() for p in model.parameters())
     changed = ", ".join(changed_settings(config)) or "none"
-    log(f"{config.model}: {params:,} parameters, seed {config.seed}, on {next(model.parameters()).device}; "
+    log(f"{name}: {params:,} parameters, seed {config.seed}, on {next(model.parameters()).device}; "
         f"settings other than the defaults: {changed}")
     steps = config.epochs * len(train_loader)
     optimizer, scheduler = make_optimizer(model, config, steps)
@@ -70,7 +93,7 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
                                         label_smoothing=config.label_smoothing, static_step=static_step,
                                         epoch=epoch, progress=progress)
         except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"{error}; {kept(checkpoint, history)}") from None
+            raise NonFiniteLossError(f"{error}; {kept(checkpoint, len(history))}") from None
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
         row = {}
@@ -165,15 +188,6 @@ def format_epoch(row, epochs):
     return (f"epoch {row['epoch']:2d}/{epochs}  lr {row['lr']:.4f} -> {row['lr_end']:.4f}  train loss "
             f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc "
             f"{row['test_acc']:.2f}%  {row['seconds']:.1f} + {row['test_seconds']:.1f} s")
-
-
-def kept(checkpoint, history):
-    """What a run that stops now leaves to resume from, for the end of an error message."""
-    if checkpoint is None:
-        return "nothing was saved (pass --out to keep a checkpoint every epoch)"
-    if not history:
-        return "no epoch had finished, so there is no checkpoint yet"
-    return f"the checkpoint of epoch {len(history)} is kept in {checkpoint}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +351,10 @@ def prepare_model(model, device, log=print):
     if not any(True for _ in model.parameters()):
         raise ConfigError(f"{name} has no parameters to train: create its layers in __init__ as attributes "
                           "(self.conv1 = nn.Conv2d(...)); layers kept in a list need nn.ModuleList")
+    if (dtype := next(model.parameters()).dtype) != torch.float32:
+        raise ConfigError(f"{name}'s weights are {str(dtype).removeprefix('torch.')}, and training here is "
+                          "in float32: build it without .double() or .half(), under the default dtype "
+                          "(torch.set_default_dtype(torch.float32))")
     # Eval mode and fixed images: the check draws no random numbers and changes no BatchNorm statistics,
     # so a run trains exactly as without it.
     images = torch.linspace(-0.42, 2.82, 2 * 28 * 28, device=device).reshape(2, 1, 28, 28)

@@ -1,3 +1,6 @@
+"""train.py: the command line, its flags, refusals and messages, and what a process sees (pipes, signals,
+full disks). The run folder's rules are in test_runs.py."""
+
 import dataclasses
 import json
 import os
@@ -12,20 +15,17 @@ import torch
 import torchvision
 
 import train
-from checkpoints import read_checkpoint
-from config import NonFiniteLossError, TrainConfig
-from conftest import CPU, DATA_DIR, ROOT, SMALL_FLAGS, cli, without_timings
-from data import make_loaders
+from config import TrainConfig
+from conftest import DATA_DIR, DRY_FLAGS, ROOT, SMALL_FLAGS, cli, project_copy, refused, run
 from model import Net
-from utils import fit, pick_device
+from utils import pick_device
 
 
-def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
-    code, _, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
+def test_a_dry_run_writes_metrics_and_weights(tmp_path, capsys):
+    code, out, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["model"] == "Net" and metrics["seed"] == 0
-    assert metrics["device"] == str(pick_device("auto"))
+    assert (metrics["model"], metrics["seed"], metrics["device"]) == ("Net", 0, str(pick_device("auto")))
     assert metrics["params"] == sum(p.numel() for p in Net().parameters())
     assert metrics["layers"] == repr(Net())
     assert len(metrics["epochs"]) == 1
@@ -39,6 +39,9 @@ def test_dry_run_writes_metrics_and_weights(tmp_path, capsys):
     if head.returncode == 0:
         assert metrics["runtime"]["git_commit"] == head.stdout.strip()
         assert isinstance(metrics["runtime"]["git_dirty"], bool)
+    assert out.splitlines()[-1].startswith(f"files in {tmp_path}/: metrics.json")
+    # A dry run's accuracy means nothing, and it says so.
+    assert "a dry run checks that every part runs; the test accuracy of this run says little" in out
 
 
 def test_every_setting_has_its_flag_with_help_and_default(capsys):
@@ -51,173 +54,76 @@ def test_every_setting_has_its_flag_with_help_and_default(capsys):
     assert "(default: 0.25)" in text and "--recipe" in text and "--overwrite" in text
     # --data-dir's help explains its default itself, so it gets no second one.
     assert "(default: env MNIST_DATA, else ./data)" in text and "else ./data) (default" not in text
+    assert "S7, under 8,000 parameters, 15 epochs or fewer, 99.4% test accuracy in each of the last 3" in text
 
 
-def test_limits_and_flags_reach_the_run(tmp_path, capsys):
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4,
-                       "--lr", 0.05, "--out", tmp_path)
+def test_a_run_says_its_recipe_and_its_flags_reach_it(tmp_path, capsys):
+    code, out, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4, "--lr",
+                         0.05,
+                         "--out", tmp_path)
     assert code == 0, err
+    assert out.splitlines()[0] == ("NetCompact: 7,946 parameters, seed 4, on cpu; settings other than the "
+                                   "defaults: epochs 3, batch-size 100, lr 0.05, rotate 10, shift 2, scale "
+                                   "0.1, ema 0, train-limit 1000, test-limit 500")
+    assert [line[:10] for line in out.splitlines() if line.startswith("epoch")] == [
+        "epoch  1/3", "epoch  2/3", "epoch  3/3"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(metrics["epochs"]) == 3
-    assert metrics["model"] == "NetCompact" and metrics["seed"] == 4
+    assert (metrics["model"], metrics["seed"], len(metrics["epochs"])) == ("NetCompact", 4, 3)
     assert metrics["config"]["lr"] == 0.05 and metrics["config"]["test_limit"] == 500
-    for row in metrics["epochs"]:
-        assert row["test_acc"] * 5 == pytest.approx(round(row["test_acc"] * 5))  # a count out of 500
+
+
+def test_a_brief_caps_the_recipes_epochs_and_a_model_over_its_budget_is_noted(capsys):
+    code, out, _ = cli(capsys, *DRY_FLAGS, "--brief", "S7", "--model", "Net")
+    assert code == 0 and "note: Net has 19,130 parameters, over the S7 budget of 8,000" in out
+    assert train.parse_args(["--brief", "S7"]).settings == {"brief": "S7"}
+    from config import make_config
+
+    assert make_config(brief="S7").epochs == 15 and make_config(brief="S7", model="NetMicro").epochs == 15
 
 
 @pytest.mark.parametrize(("args", "words"), [
     (["--epochs", "0"], "epochs must be at least 1, got 0"),
     (["--batch-size", "-8"], "batch size must be at least 1, got -8"),
-    (["--lr", "0"], "learning rate must be a positive number, got 0.0"),
     (["--lr", "nan"], "learning rate must be a positive number, got nan"),
     (["--model", "ResNet"], "unknown model 'ResNet': choose one of Net, NetCompact, NetTiny"),
+    (["--brief", "S9"], "unknown brief 'S9': choose one of S6, S7"),
     (["--step", "jit"], "unknown step 'jit': choose eager, static or graph"),
     (["--warmup", "1.5"], "warmup must be a fraction in (0, 1), got 1.5"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:x"], "unknown device 'cuda:x'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
     (["--pipeline", "dali"], "unknown pipeline 'dali'"),
+    (["--pipeline", "torchvision", "--test-limit", "20000"], "test limit must be from 0 (all) to 10,000"),
+    (["--train-limit", "70000"], "train limit must be from 0 (all) to 60,000, got 70000"),
+    (["--seed", str(2**70)], "seed must be in [0, 2**63)"),
+    (["--data-dir", ""], "data dir is empty"),
     (["--resume"], "--resume needs --out DIR"),
+    (["--out", "x", "--resume", "--overwrite"],
+     "--resume continues the run in --out and --overwrite replaces it"),
     (["--seeds", "a-b", "--out", "x"], "--seeds 'a-b' is not a range"),
+    (["--seeds", "0-2"], "--seeds needs --out DIR"),
+    (["--seeds", "0-2", "--seed", "3", "--out", "x"], "--seed and --seeds both name seeds: pass one"),
+    (["--dry-run", "--epochs", "5"],
+     "a dry run trains one epoch of two batches: leave out the epochs (--epochs)"),
+    (["--find-lr", "--resume", "--out", "x"], "--find-lr trains nothing to resume or repeat"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value"),
+    (["--color"], "unrecognized arguments: --color"),
 ])
-def test_impossible_arguments_get_one_line_and_exit_2(capsys, args, words):
-    code, _, err = cli(capsys, *args)
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
-    assert "Traceback" not in err
+def test_impossible_arguments_get_one_line_and_exit_2(capsys, no_training, args, words):
+    try:
+        refused(capsys, *args, words=words)
+    except SystemExit as caught:  # argparse's own refusals exit from inside it
+        err = capsys.readouterr().err
+        assert caught.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
 
 
-def test_missing_data_without_internet_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    code, _, err = cli(capsys, "--data-dir", tmp_path / "empty", "--dry-run")
-    assert code == 2
-    assert err.count("\n") == 1 and "the download failed" in err and "--data-dir" in err
-    assert not (tmp_path / "empty").exists(), "the failed download left folders behind"
+def test_a_model_py_that_does_not_parse_is_one_line_even_for_help(tmp_path, capsys, monkeypatch):
+    import config
 
-
-def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
-    assert cli(capsys, "--dry-run", "--out", tmp_path)[0] == 0
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    code, _, err = cli(capsys, "--dry-run", "--out", tmp_path)
-    assert code == 2 and "already holds a finished run (metrics.json): pass --resume" in err
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
-
-
-def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
-    assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path)[0] == 0
-    (tmp_path / "metrics.json").unlink()  # as a run interrupted after its last checkpoint leaves it
-    checkpoint = tmp_path / "checkpoint.pt"
-    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
-    truncated = checkpoint.read_bytes()
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--out", tmp_path, "--resume")
-    assert code == 2 and err.count("\n") == 1 and "unreadable" in err and "truncated" in err
-    assert checkpoint.read_bytes() == truncated
-
-
-def test_checkpoint_of_another_model_or_settings_is_refused(tmp_path, capsys):
-    assert cli(capsys, *SMALL_FLAGS, "--model", "NetCompact", "--out", tmp_path)[0] == 0
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--model", "Net", "--out", tmp_path, "--resume")
-    assert code == 2 and "model 'NetCompact' -> 'Net'" in err
-    code, _, err = cli(capsys, "--lr", 0.3, "--out", tmp_path, "--resume")
-    assert code == 2 and "lr 0.2 -> 0.3" in err
-    torch.save({"weights": Net().state_dict()}, tmp_path / "checkpoint.pt")
-    (tmp_path / "metrics.json").unlink()
-    code, _, err = cli(capsys, "--out", tmp_path, "--resume")
-    assert code == 2 and "not a checkpoint of this project" in err
-
-
-def test_a_finished_run_resumes_to_the_same_result(tmp_path, capsys):
-    assert cli(capsys, *SMALL_FLAGS, "--out", tmp_path)[0] == 0
-    first = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
-    assert cli(capsys, "--out", tmp_path, "--resume", "--quiet")[0] == 0
-    # Timings included: nothing was trained again.
-    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == first
-
-
-@pytest.mark.slow  # two real runs of three epochs: about 18 s
-def test_run_killed_at_any_moment_resumes_to_identical_weights_and_history(tmp_path):
-    args = [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, "--epochs", "3", "--seed", "3",
-            "--train-limit", "8000", "--test-limit", "1000", "--quiet"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([*args, "--out", tmp_path / "whole"], check=True, env=env, capture_output=True,
-                   timeout=300)
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([*args, "--out", killed], env=env, stdout=subprocess.DEVNULL)
-    while not (killed / "checkpoint.pt").exists():  # epoch 1 has ended
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.3)  # well into epoch 2, which takes about a second
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (killed / "metrics.json").exists()
-    assert read_checkpoint(killed / "checkpoint.pt")["epoch"] in (1, 2)
-
-    resumed = subprocess.run([*args[:2], "--out", killed, "--resume", "--quiet"], env=env,
-                             capture_output=True, text=True, timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stderr
-    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("whole", "killed"))
-    assert without_timings(again["epochs"]) == without_timings(whole["epochs"])
-    for (name, a), b in zip(torch.load(tmp_path / "whole" / "model.pt").items(),
-                            torch.load(killed / "model.pt").values()):
-        assert torch.equal(a, b), name
-
-
-class PoisonedLoader:
-    """Yields the real batches, but NaN images in one batch of one epoch."""
-
-    def __init__(self, loader, epoch, batch):
-        self.loader, self.poison, self.epoch = loader, (epoch, batch), 0
-        self.generator = loader.generator
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        self.epoch += 1
-        for batch, (images, labels) in enumerate(self.loader, start=1):
-            yield (images * float("nan") if (self.epoch, batch) == self.poison else images), labels
-
-
-def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpoint(tmp_path):
-    config = TrainConfig(train_limit=1000, test_limit=200, batch_size=100, epochs=3)
-    train_loader, test_loader = make_loaders(config, CPU)
-    checkpoint = tmp_path / "not-yet-made" / "checkpoint.pt"  # fit makes the folder
-    with pytest.raises(NonFiniteLossError, match="at epoch 2, batch 3 of 10") as caught:
-        fit(Net(), PoisonedLoader(train_loader, epoch=2, batch=3), test_loader, config,
-            checkpoint=checkpoint, progress=False, log=lambda line: None)
-    assert "\n" not in str(caught.value)
-    state = read_checkpoint(checkpoint)
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values()
-               if tensor.is_floating_point())
-
-
-def test_seeds_run_each_seed_and_summarise(tmp_path, capsys):
-    code, _, err = cli(capsys, *SMALL_FLAGS, "--seeds", "0-2", "--out", tmp_path)
-    assert code == 0, err
-    summary = json.loads((tmp_path / "seeds.json").read_text())
-    histories = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["epochs"] for s in range(3)]
-    finals = [history[-1]["test_acc"] for history in histories]
-    assert summary["final_test_acc"] == {str(s): acc for s, acc in enumerate(finals)}
-    assert summary["last3_min_test_acc"] == {
-        str(s): min(history[0]["test_acc"], history[1]["test_acc"]) for s, history in enumerate(histories)}
-    assert summary["mean"] == pytest.approx(sum(finals) / 3)
-    assert summary["min"] == min(finals)
-    assert summary["std"] == pytest.approx(torch.tensor(finals).std().item())
-
-
-@pytest.mark.slow  # a fresh Python process that loads torch and predicts 10,000 images
-def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
-    snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
-    assert 'torch.load("runs/first/model.pt")' in snippet and "load_mnist(make_config().data_dir" in snippet
-    assert cli(capsys, "--dry-run", "--quiet", "--out", tmp_path / "runs" / "first")[0] == 0
-    # From another folder with the project on the path, and the data where MNIST_DATA says.
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "MNIST_DATA": DATA_DIR},
-                            check=False)
-    assert result.returncode == 0, result.stderr
-    assert re.fullmatch(r"\d+\.\d\d% of the test images", result.stdout.strip()), result.stdout
+    (tmp_path / "model.py").write_text("class Net(nn.Module)\n")
+    monkeypatch.setattr(config, "MODEL_FILE", tmp_path / "model.py")
+    for args in (["--help"], ["--dry-run"]):
+        refused(capsys, *args, words="model.py does not parse (expected ':', line 1): fix it")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--epochs", "0"], ["--model", "ResNet"], ["--lr", "x"],
@@ -233,32 +139,104 @@ def test_help_and_mistakes_are_answered_before_torch_is_imported(args):
         assert "speedrun" in result.stdout
 
 
-def test_the_last_line_says_where_the_files_are(tmp_path, capsys):
-    code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run", "--out", tmp_path / "run")
-    assert code == 0 and out.splitlines()[-1].startswith(f"files in {tmp_path / 'run'}/: metrics.json")
-    code, out, _ = cli(capsys, *SMALL_FLAGS, "--dry-run")
+def test_without_out_nothing_is_saved_and_the_last_line_says_so(capsys):
+    code, out, _ = cli(capsys, *DRY_FLAGS)
     assert code == 0 and out.splitlines()[-1].startswith("nothing was saved: pass --out DIR")
-    # A dry run's accuracy means nothing, and it says so.
-    assert "a dry run checks that every part runs; the test accuracy of this run says little" in out
+
+
+@pytest.mark.slow  # a fresh Python process that loads torch and predicts 10,000 images
+def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
+    snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert 'load_weights(model, "runs/first")' in snippet and "load_mnist(make_config().data_dir" in snippet
+    assert cli(capsys, *DRY_FLAGS, "--out", tmp_path / "runs" / "first")[0] == 0
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "MNIST_DATA": DATA_DIR},
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"\d+\.\d\d% of the test images", result.stdout.strip()), result.stdout
 
 
 @pytest.mark.slow  # one epoch on all 60,000 images: about 20-30 s on 2 cores
 def test_the_readme_first_try_ends_well_above_chance(tmp_path, capsys):
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"^python train\.py (--epochs 1 .*?)\s+#", readme, re.MULTILINE).group(1).split()
-    assert "--out" in command
     command[command.index("--out") + 1] = str(tmp_path / "first")
     assert cli(capsys, *command, "--quiet")[0] == 0
-    final = json.loads((tmp_path / "first" / "metrics.json").read_text())["epochs"][-1]
-    assert final["test_acc"] > 97
+    assert json.loads((tmp_path / "first" / "metrics.json").read_text())["epochs"][-1]["test_acc"] > 97
 
 
 @pytest.mark.slow  # 300 batches of a range test: the range test itself is tested fast in test_training
-def test_find_lr_plots_the_range_test_and_suggests_a_peak(tmp_path, capsys):
-    code, out, err = cli(capsys, "--find-lr", "--model", "NetTiny", "--batch-size", 32, "--quiet",
-                         "--out", tmp_path)
+def test_find_lr_suggests_a_peak_and_plots_the_range_test(tmp_path, capsys):
+    code, out, err = cli(capsys, "--find-lr", "--model", "NetTiny", "--batch-size", 32, "--quiet", "--out",
+                         tmp_path)
     assert code == 0, err
     assert (tmp_path / "lr_range.png").stat().st_size > 10_000
     suggested = float(re.search(r"suggested peak learning rate ([0-9.e-]+)", out).group(1))
     assert 1e-4 < suggested < 10 and f"--lr {suggested:.3g}" in out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["lr_range.png"]
+
+
+def test_find_lr_checks_where_its_plot_goes_before_the_work(tmp_path, capsys, monkeypatch):
+    import utils
+
+    monkeypatch.setattr(utils, "lr_range_test", lambda *args, **kwargs: pytest.fail("the range test ran"))
+    (tmp_path / "file").write_text("mine")
+    refused(capsys, "--find-lr", "--out", tmp_path / "file", words="cannot be used (it is a file)")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    refused(capsys, "--find-lr", "--out", tmp_path / "loop" / "x", words="Too many levels of symbolic links")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only; root writes anywhere
+    refused(capsys, "--find-lr", "--out", tmp_path / "plots",
+            words="is read-only): choose a folder you can write to")
+
+
+def script(*args):
+    return [sys.executable, str(ROOT / "train.py"), "--data-dir", DATA_DIR, *map(str, args)]
+
+
+@pytest.mark.slow  # a fresh process that loads torch and trains
+def test_a_closed_output_pipe_or_a_full_disk_stops_in_one_line(tmp_path):
+    process = subprocess.Popen(script(*SMALL_FLAGS, "--epochs", 3, "--out", tmp_path / "pipe"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process.stdout.readline()  # as `| head -1` does
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.wait(timeout=120)
+    assert process.returncode == 141 and "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "the output pipe was closed" in stderr and "--resume" in stderr
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        result = subprocess.run(script(*DRY_FLAGS, "--out", tmp_path / "full"), stdout=full,
+                                stderr=subprocess.PIPE,
+                                text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: the output cannot be written (No space left on device)")
+
+
+def test_ctrl_c_while_starting_up_prints_no_traceback():
+    process = subprocess.Popen(script("--dry-run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # inside `import torch`, which takes seconds
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr == "interrupted while starting: nothing was written\n", stderr
+
+
+@pytest.mark.slow  # a copy of the project run from another folder
+def test_the_hint_of_an_interrupted_run_works_word_for_word_from_another_folder(tmp_path):
+    project = project_copy(tmp_path / "s6")
+    (project / "sitecustomize.py").write_text(
+        "import utils, os\nif os.environ.get('STOP_AT'):\n    original = utils.train_epoch\n"
+        "    def train_epoch(*args, epoch=1, **kwargs):\n"
+        "        if epoch == int(os.environ['STOP_AT']):\n            raise KeyboardInterrupt\n"
+        "        return original(*args, epoch=epoch, **kwargs)\n    utils.train_epoch = train_epoch\n")
+    env = {**os.environ, "PYTHONPATH": str(project), "STOP_AT": "2", "MNIST_DATA": DATA_DIR}
+    # Abbreviated flags, train.py named from another folder.
+    stopped = subprocess.run([sys.executable, "s6/train.py", *SMALL_FLAGS, "--overw", "--ou", "runs/a"],
+                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert stopped.returncode == 130, stopped.stderr
+    hint = re.search(r"continue with (python .*)$", stopped.stderr.strip()).group(1)
+    assert "s6/train.py" in hint and "--overw " not in hint and hint.endswith("--out runs/a --resume")
+    resumed = subprocess.run(hint, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                             env={**env, "STOP_AT": ""}, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(json.loads((tmp_path / "runs" / "a" / "metrics.json").read_text())["epochs"]) == 2
+    assert run(project, "train.py", "--help").returncode == 0

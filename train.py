@@ -103,6 +103,7 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
 
     import torch
 
+    from architecture import describe
     from config import build_model
     from data import make_loaders
     from utils import fit, keep_freed_memory, pick_device, prepare_model, runtime_info, seed_everything
@@ -126,9 +127,10 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
         history = fit(model, *train_loaders, config, checkpoint=folder and folder / "checkpoint.pt",
                       resume=resume, progress=progress)
         # The layers as printed, so that a run says what it trained even when model.py has changed since.
+        last_conv = describe(model).last_conv
         metrics = {"model": config.model, "params": params, "layers": repr(model), "seed": config.seed,
-                   "device": str(device), "config": asdict(config), "runtime": runtime_info(device),
-                   "epochs": history}
+                   "receptive_field": last_conv and last_conv.receptive_field, "device": str(device),
+                   "config": asdict(config), "runtime": runtime_info(device), "epochs": history}
         if folder is not None:
             folder.finish(metrics, lambda path: runs.atomic_write(
                 path, lambda file: torch.save(model.state_dict(), file)))

@@ -34,12 +34,11 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from config import TRAIN_IMAGES, TrainConfig, TrainingError, build_model, make_config, model_names
-from data import MNIST_MEAN, MNIST_STD, DeviceDataLoader, load_mnist, make_loaders
+from data import MNIST_MEAN, MNIST_STD, TorchvisionLoader, load_mnist, make_loaders
 from utils import (
     average_of,
     check_step,
     evaluate,
-    keep_freed_memory,
     make_optimizer,
     make_static_step,
     pick_device,
@@ -101,46 +100,22 @@ def reference_loaders(config, device):
                                    transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     load_mnist(config.data_dir, train=True)  # checks the files, with a clear message if they are bad
-    return (DeviceDataLoader(MNIST(config.data_dir, train=True, transform=rotation), 128, device, train=True),
-            DeviceDataLoader(MNIST(config.data_dir, train=False, transform=plain), 128, device, train=False))
+    return tuple(TorchvisionLoader(MNIST(config.data_dir, train=train, transform=transform), 128, device,
+                                   train=train) for train, transform in ((True, rotation), (False, plain)))
 
 
-def time_training(run_chunk, device, chunks):
-    """Seconds of ``run_chunk()`` (one chunk of batches): the median over ``chunks`` timed calls, after
-    an untimed one that warms up."""
-    timings = []
-    for timed in [False] + [True] * chunks:
+def timings(run, device, repeats, warm_up=False):
+    """Seconds of each of ``repeats`` calls of ``run()``, the device synchronised around each; after an
+    untimed call first if ``warm_up``."""
+    seconds = []
+    for timed in [False] * warm_up + [True] * repeats:
         synchronize(device)
         started = time.perf_counter()
-        run_chunk()
+        run()
         synchronize(device)
         if timed:
-            timings.append(time.perf_counter() - started)
-    return statistics.median(timings), timings
-
-
-def time_epoch_start(loader, device, repeats=3):
-    """Seconds from asking for an epoch to its first batch, while the worker processes start; the median
-    of ``repeats``."""
-    timings = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        next(iter(loader))
-        synchronize(device)
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
-
-
-def time_test_pass(model, loader, device, repeats=3):
-    timings = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        evaluate(model, loader)
-        synchronize(device)
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+            seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def run_arm(arm, config, chunk, chunks):
@@ -169,8 +144,6 @@ def run_arm(arm, config, chunk, chunks):
 
         batch_size = 128
     else:
-        if device.type == "cpu":
-            keep_freed_memory()
         model = prepare_model(build_model(config.model), device)
         chunk = min(chunk, TRAIN_IMAGES // config.batch_size)
         # train.py's own epoch (train_epoch, with --step as given) over a split of one chunk of batches:
@@ -188,10 +161,13 @@ def run_arm(arm, config, chunk, chunks):
         batch_size = config.batch_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_chunk, timings = time_training(run_chunk, device, chunks)
-    per_batch = per_chunk / chunk
-    # The reference starts its worker processes at each epoch; ours warps within each timed chunk.
-    epoch_start = time_epoch_start(train_loader, device) if arm == "reference" else 0.0
+    chunk_seconds = timings(run_chunk, device, chunks, warm_up=True)
+    per_batch = statistics.median(chunk_seconds) / chunk
+    # The reference starts its worker processes at each epoch (the time to its first batch); ours warps
+    # within each timed chunk.
+    epoch_start = 0.0
+    if arm == "reference":
+        epoch_start = statistics.median(timings(lambda: next(iter(train_loader)), device, 3))
     epoch_seconds = epoch_start + per_batch * TRAIN_IMAGES / batch_size
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -199,9 +175,9 @@ def run_arm(arm, config, chunk, chunks):
             "macs": count_macs(model), "batch_size": batch_size, "device": str(device),
             "chunk_images": chunk * batch_size, "epoch_seconds": epoch_seconds,
             "epoch_start_seconds": epoch_start,
-            "chunk_epoch_seconds": [t / chunk * TRAIN_IMAGES / batch_size for t in timings],
+            "chunk_epoch_seconds": [t / chunk * TRAIN_IMAGES / batch_size for t in chunk_seconds],
             "images_per_second": batch_size / per_batch,
-            "test_seconds": time_test_pass(model, test_loader, device),
+            "test_seconds": statistics.median(timings(lambda: evaluate(model, test_loader), device, 3)),
             "peak_memory_mb": peak / 2**20, "threads": torch.get_num_threads()}
 
 

@@ -204,6 +204,8 @@ class TrainConfig:
                                  "only)")
     deterministic: bool = setting(True, "on CUDA, deterministic kernels: one seed, one result (the CPU's "
                                         "kernels are deterministic already)")
+    val: int = setting(0, "hold out N training images (the same ones whatever the seed) and report the "
+                          "accuracy on them each epoch, beside the test images' (0: none)")
     train_limit: int = setting(0, f"train on the first N of the {TRAIN_IMAGES:,} images only (0: all)")
     test_limit: int = setting(0, f"test on the first N of the {TEST_IMAGES:,} images only (0: all)")
     dry_run: bool = setting(False, "a smoke test: one epoch on at most two batches of training and of test "
@@ -236,8 +238,9 @@ class TrainConfig:
             (self.pipeline in ("tensor", "torchvision"),
              f"unknown pipeline {self.pipeline!r}: choose tensor or torchvision"),
             (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
-            (0 <= self.train_limit <= TRAIN_IMAGES,
-             f"train limit must be from 0 (all) to {TRAIN_IMAGES:,}, got {self.train_limit}"),
+            (0 <= self.val < TRAIN_IMAGES, f"val must be from 0 (none) to 59,999, got {self.val}"),
+            (0 <= self.train_limit <= TRAIN_IMAGES - self.val,
+             f"train limit must be from 0 (all) to {TRAIN_IMAGES - self.val:,}, got {self.train_limit}"),
             (0 <= self.test_limit <= TEST_IMAGES,
              f"test limit must be from 0 (all) to {TEST_IMAGES:,}, got {self.test_limit}"),
             (self.data_dir.strip() != "",

@@ -17,13 +17,16 @@ import torchvision
 from config import TEST_IMAGES, TRAIN_IMAGES, ConfigError, DataError, TrainConfig
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+VALIDATION_SEED = 2024  # --val holds out the same training images in every run, whatever its --seed
 
 
 def make_loaders(config, device):
     """(train_loader, test_loader) for ``config.pipeline``; the test set is never shuffled or augmented.
 
     Both yield (normalised images (B, 1, 28, 28), labels (B,)) on the device and expose ``generator``,
-    whose state a checkpoint saves, so the training loop never tells them apart.
+    whose state a checkpoint saves, so the training loop never tells them apart. With ``config.val``, that
+    many training images are held out: ``train_loader.validation`` yields them as the test loader does
+    (else it is None).
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"make_loaders needs a TrainConfig (config.make_config(...)), got "
@@ -39,13 +42,20 @@ def make_loaders(config, device):
     loaders = []
     for train, limit in ((True, config.train_limit), (False, config.test_limit)):
         images, labels = load_mnist(config.data_dir, train=train)
-        limit = limit or len(labels)
+        kept, held_out = torch.arange(len(labels)), None
+        if train and config.val:
+            drawn = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+            held_out, kept = drawn[:config.val].sort().values, drawn[config.val:].sort().values
+        kept = kept[:limit or len(kept)]
         if config.pipeline == "tensor":
-            loaders.append(TensorLoader(images[:limit], labels[:limit], config.batch_size, device,
-                                        train=train, rotate=config.rotate, shift=config.shift,
-                                        scale=config.scale, seed=config.seed))
+            loader = TensorLoader(images[kept], labels[kept], config.batch_size, device, train=train,
+                                  rotate=config.rotate, shift=config.shift, scale=config.scale,
+                                  seed=config.seed)
+            loader.validation = None if held_out is None else TensorLoader(
+                images[held_out], labels[held_out], config.batch_size, device, train=False)
         else:
-            loaders.append(torchvision_loader(config, device, train, limit))
+            loader = torchvision_loader(config, device, train, kept, held_out)
+        loaders.append(loader)
     return tuple(loaders)
 
 
@@ -118,24 +128,29 @@ def affine_transform(images, thetas):
 # The torchvision pipeline: the classic DataLoader with per-image PIL transforms (the reference)
 
 
-def torchvision_loader(config, device, train, limit):
+def torchvision_loader(config, device, train, kept, held_out=None):
+    """The loader of the images ``kept`` (indices) of a split, with the ``held_out`` ones as its
+    validation."""
     from torchvision import transforms
 
     steps = [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
     root = mnist_root(config.data_dir)
-    plain = torch.utils.data.Subset(
-        torchvision.datasets.MNIST(root, train=train, transform=transforms.Compose(steps)), range(limit))
-    dataset = plain
+    whole = torchvision.datasets.MNIST(root, train=train, transform=transforms.Compose(steps))
+    plain = dataset = torch.utils.data.Subset(whole, kept.tolist())
     if train and (config.rotate or config.shift or config.scale):
         affine = transforms.RandomAffine(config.rotate, translate=(config.shift / 28,) * 2,
                                          scale=(1 - config.scale, 1 + config.scale))
         dataset = torch.utils.data.Subset(torchvision.datasets.MNIST(
-            root, train=train, transform=transforms.Compose([affine, *steps])), range(limit))
-    return DeviceDataLoader(dataset, config.batch_size, device, train=train, seed=config.seed, plain=plain)
+            root, train=train, transform=transforms.Compose([affine, *steps])), kept.tolist())
+    loader = TorchvisionLoader(dataset, config.batch_size, device, train=train, seed=config.seed, plain=plain)
+    loader.validation = None if held_out is None else TorchvisionLoader(
+        torch.utils.data.Subset(whole, held_out.tolist()), config.batch_size, device, train=False)
+    return loader
 
 
-class DeviceDataLoader:
-    """torchvision's DataLoader, moving each batch to the device."""
+class TorchvisionLoader:
+    """The torchvision pipeline's batches: a DataLoader of a torchvision dataset, each batch moved to the
+    device; with the interface of TensorLoader."""
 
     def __init__(self, dataset, batch_size, device, *, train, seed=0, workers=2, plain=None):
         """``plain``: the same images without augmentation, for ``unaugmented()`` (default: ``dataset``)."""

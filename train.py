@@ -106,11 +106,9 @@ def train_once(given, out=None, *, resume=False, overwrite=False, progress=True)
     from architecture import describe
     from config import build_model
     from data import make_loaders
-    from utils import fit, keep_freed_memory, pick_device, prepare_model, runtime_info, seed_everything
+    from utils import fit, pick_device, prepare_model, runtime_info, seed_everything
 
     device = pick_device(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()
     seed_everything(config.seed, device, config.deterministic)
     model = prepare_model(build_model(config.model), device)
     params = sum(p.numel() for p in model.parameters())

@@ -221,3 +221,19 @@ def test_make_loaders_answers_a_wrong_config_or_device_in_one_line():
     config = make_config(test_limit=100, data_dir=DATA_DIR)
     config.dry_run = True  # set after the config was made: still a dry run
     assert sum(len(labels) for _, labels in make_loaders(config, "cpu")[0]) == 2 * config.batch_size
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "torchvision"])
+def test_val_holds_out_the_same_training_images_whatever_the_seed(pipeline):
+    splits = []
+    for seed in (0, 1):
+        train_loader, _ = make_loaders(TrainConfig(val=1000, train_limit=2000, test_limit=10, seed=seed,
+                                                   pipeline=pipeline, rotate=0, shift=0, scale=0), CPU)
+        held, kept = ({bytes(image.numpy()) for images, _ in batches for image in images}
+                      for batches in (train_loader.validation, train_loader.unaugmented()))
+        assert len(held) == 1000 and len(kept) == 2000 and not held & kept
+        splits.append((held, kept))
+    assert splits[0] == splits[1]
+    labels = torch.cat([y for _, y in train_loader.validation])
+    assert labels.bincount(minlength=10).min() > 50  # a random draw, not the first 1,000
+    assert make_loaders(TrainConfig(test_limit=10, train_limit=10), CPU)[0].validation is None

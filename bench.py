@@ -222,24 +222,51 @@ def main(argv=None):
     # The arms alternate, round after round, so that a machine whose speed drifts (a shared virtual
     # machine does) weighs on both alike; each round's ratio compares neighbouring runs.
     rounds = []
-    for _ in range(args.rounds):
-        pair = {}
-        for arm in ("reference", "ours"):
-            command = [sys.executable, __file__, "--arm", arm, *(sys.argv[1:] if argv is None else argv)]
-            finished = subprocess.run(command, capture_output=True, text=True, check=False)
-            if finished.returncode:
-                print(finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed",
-                      file=sys.stderr)
-                return finished.returncode
-            pair[arm] = json.loads(finished.stdout.strip().splitlines()[-1])
-        rounds.append(pair)
+    try:
+        for _ in range(args.rounds):
+            pair = {}
+            for arm in ("reference", "ours"):
+                command = [sys.executable, __file__, "--arm", arm, *(sys.argv[1:] if argv is None else argv)]
+                finished = subprocess.run(command, capture_output=True, text=True, check=False)
+                if finished.returncode:
+                    print(finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed",
+                          file=sys.stderr)
+                    return finished.returncode
+                pair[arm] = json.loads(finished.stdout.strip().splitlines()[-1])
+            rounds.append(pair)
+    except KeyboardInterrupt:
+        if rounds:
+            show(rounds, device, args)
+        print(f"interrupted: {len(rounds)} of {args.rounds} rounds finished"
+              + (", shown above" if rounds else ", so nothing was measured"), file=sys.stderr)
+        return 130
+    try:
+        figures = show(rounds, device, args)
+        sys.stdout.flush()
+    except OSError as error:  # a full disk, a closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would flush it again on exit
+        print(f"error: the output cannot be written ({error.strerror})", file=sys.stderr)
+        return 2
+    if args.json:
+        try:
+            with open(args.json, "w") as file:
+                json.dump(figures, file, indent=1)
+        except OSError as error:
+            print(f"error: --json {args.json} cannot be written ({error.strerror}): the figures above stand",
+                  file=sys.stderr)
+            return 2
+    return 0
+
+
+def show(rounds, device, args):
+    """Print the figures of the finished ``rounds``; returns them, as --json writes them."""
     gflops = matmul_gflops(device)
     results = [{**runs[0], **{key: statistics.median(run[key] for run in runs) for key in MEDIAN_KEYS}}
                for runs in ([pair[arm] for pair in rounds] for arm in ("reference", "ours"))]
     ratios = [pair["reference"]["epoch_seconds"] / pair["ours"]["epoch_seconds"] for pair in rounds]
     print(f"device {device} ({torch.get_num_threads()} threads), matmul {gflops:.0f} GFLOP/s, "
           f"torch {torch.__version__}; per arm and round: chunks of {args.images:,} images after a warm-up, "
-          f"median of {args.chunks}, scaled to 60,000; below, medians over {args.rounds} alternating rounds")
+          f"median of {args.chunks}, scaled to 60,000; below, medians over {len(rounds)} alternating rounds")
     print(f"{'':10} {'model':12} {'params':>7} {'MACs/img':>9} {'batch':>5} {'train s/epoch':>13} "
           f"{'img/s':>7} {'test s':>7} {'peak MB':>8}")
     for row in results:
@@ -253,11 +280,8 @@ def main(argv=None):
           f"test pass {reference['test_seconds'] / ours['test_seconds']:.2f}x")
     print(f"ours against its compute floor (3 x {ours['macs'] / 1e6:.2f}M MACs x 60,000 at "
           f"{gflops:.0f} GFLOP/s = {floor:.2f} s): {ours['epoch_seconds'] / floor:.2f}x the floor")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"matmul_gflops": gflops, "arms": results, "ratio": ratio, "round_ratios": ratios,
-                       "rounds": rounds, "floor_seconds": floor, "torch": torch.__version__}, file, indent=1)
-    return 0
+    return {"matmul_gflops": gflops, "arms": results, "ratio": ratio, "round_ratios": ratios,
+            "rounds": rounds, "floor_seconds": floor, "torch": torch.__version__}
 
 
 if __name__ == "__main__":

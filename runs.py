@@ -171,11 +171,26 @@ class RunFolder:
         return settings
 
     def saved_settings(self):
-        """The settings in config.json, checked. A run whose config.json is gone resumes with the settings
-        given, which its checkpoint then checks."""
+        """The settings the run in this folder trains with: its checkpoint's, once it has one, which
+        config.json must agree with (a user may edit it); before that, config.json's. ConfigError if they
+        cannot be read, or disagree."""
         path = self.path / "config.json"
-        if not path.exists():
-            return {}
+        saved = self.read_config() if path.exists() else None
+        if (self.path / "checkpoint.pt").exists():
+            from checkpoints import read_checkpoint  # loads torch: only to resume a run that has a checkpoint
+
+            trained = read_checkpoint(self.path / "checkpoint.pt")["config"]
+            if saved is not None and (changed := settings_changes(trained, make_config(**saved))):
+                changes = "; ".join(changed)
+                raise ConfigError(f"{path} no longer holds the settings the run trained with ({changes}: "
+                                  "checkpoint.pt's -> config.json's): put config.json back as they were, or "
+                                  "start over with --overwrite")
+            return trained
+        return saved or {}
+
+    def read_config(self):
+        """config.json's settings, checked to be settings of this version."""
+        path = self.path / "config.json"
         saved = read_json(path)
         known = TrainConfig.__dataclass_fields__.keys()
         if not isinstance(saved, dict) or not set(saved) <= known:

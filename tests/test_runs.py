@@ -247,8 +247,8 @@ def test_a_write_that_fails_says_whether_an_older_file_is_kept(tmp_path):
     ("config.json", '{"epochs": 0}',
      "holds settings this version refuses (epochs must be at least 1, got 0)"),
     ("config.json", "{not json", "is unreadable"),
-    ("config.json", None, ("checkpoint.pt was made with other settings than these (lr 0.2 -> 0.3; from flags "
-                           "or an edited config.json): resume with the run's own settings")),
+    ("config.json", None, ("config.json no longer holds the settings the run trained with (lr 0.2 -> 0.3: "
+                           "checkpoint.pt's -> config.json's): put config.json back")),
     ("metrics.json", '{"epochs": []}', "is not the metrics of a finished run"),
 ])
 def test_run_files_that_resume_cannot_use_are_refused_in_one_line(tmp_path, capsys, file, content, words):

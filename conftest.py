@@ -85,6 +85,7 @@ def same_weights(first, second):
 
 def project_copy(folder, append=""):
     """The project's .py files copied into ``folder``, with ``append`` added to model.py."""
+    folder.mkdir(parents=True, exist_ok=True)
     for path in ROOT.glob("*.py"):
         shutil.copy(path, folder)
     (folder / "tests").mkdir(exist_ok=True)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -235,8 +236,8 @@ def test_the_hint_of_an_interrupted_run_works_word_for_word_from_another_folder(
     assert stopped.returncode == 130, stopped.stderr
     hint = re.search(r"continue with (python .*)$", stopped.stderr.strip()).group(1)
     assert "s6/train.py" in hint and "--overw " not in hint and hint.endswith("--out runs/a --resume")
-    resumed = subprocess.run(hint, shell=True, cwd=tmp_path, capture_output=True, text=True,
-                             env={**env, "STOP_AT": ""}, timeout=300, check=False)
+    resumed = subprocess.run([sys.executable, *shlex.split(hint)[1:]], cwd=tmp_path, capture_output=True,
+                             text=True, env={**env, "STOP_AT": ""}, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert len(json.loads((tmp_path / "runs" / "a" / "metrics.json").read_text())["epochs"]) == 2
     assert run(project, "train.py", "--help").returncode == 0

@@ -23,11 +23,12 @@ from runs import format_seeds, read_metrics, seed_folders
 # One run: the facts of a write-up
 
 
-def judge(epochs, params, brief="S6"):
+def judge(epochs, params, brief="S6", split="test"):
     """The facts a Target / Results / Analysis write-up needs of one run's ``epochs`` (its history), and
-    whether the run met ``brief``: a dict."""
+    whether the run met ``brief``, by its accuracy on ``split`` (test, or val for the held-out training
+    images of --val): a dict."""
     rules = BRIEFS[brief]
-    tests = [row["test_acc"] for row in epochs]
+    tests = [row[f"{split}_acc"] for row in epochs]
     held = len(tests)  # the first epoch from which the test accuracy stayed at or above the target
     while held > 0 and tests[held - 1] >= rules.target:
         held -= 1
@@ -39,11 +40,11 @@ def judge(epochs, params, brief="S6"):
     if min(tests[-rules.last:]) < rules.target:
         which = f"the last {rules.last} epochs" if rules.last > 1 else "the last epoch"
         missed.append(f"{min(tests[-rules.last:]):.2f}% in {which}, under {rules.target:g}%")
-    return {"brief": brief, "params": params, "epochs": len(epochs),
-            "final_test_acc": last["test_acc"], "best_test_acc": max(tests),
-            "best_epoch": tests.index(max(tests)) + 1, "last3_min_test_acc": min(tests[-3:]),
+    return {"brief": brief, "split": split, "params": params, "epochs": len(epochs),
+            "final_acc": tests[-1], "best_acc": max(tests),
+            "best_epoch": tests.index(max(tests)) + 1, "last3_min_acc": min(tests[-3:]),
             "final_train_acc": last["train_acc"], "best_train_acc": max(row["train_acc"] for row in epochs),
-            "gap": last["train_acc"] - last["test_acc"],
+            "gap": last["train_acc"] - tests[-1],
             "target_from": held + 1 if held < len(tests) else None,
             "seconds": sum(row.get("seconds", 0) for row in epochs), "met": not missed, "missed": missed}
 
@@ -55,8 +56,8 @@ def verdict(judged):
             else f"ended below {rules.target:g}%")
     verdict = "met" if judged["met"] else f"NOT met ({'; '.join(judged['missed'])})"
     return (f"brief {judged['brief']} ({rules}): {verdict}. {judged['params']:,} parameters, "
-            f"{judged['epochs']} epochs; test accuracy final {judged['final_test_acc']:.2f}%, best "
-            f"{judged['best_test_acc']:.2f}% (epoch {judged['best_epoch']}), {held}; train accuracy final "
+            f"{judged['epochs']} epochs; {judged['split']} accuracy final {judged['final_acc']:.2f}%, best "
+            f"{judged['best_acc']:.2f}% (epoch {judged['best_epoch']}), {held}; train accuracy final "
             f"{judged['final_train_acc']:.2f}%, best {judged['best_train_acc']:.2f}%; train - test gap "
             f"{judged['gap']:+.2f} points")
 
@@ -87,16 +88,18 @@ def settings_of(run):
     return ", ".join(words) or "defaults"
 
 
-HEADER = ("run", "model", "params", "RF", "epochs", "settings", "final test %", "best %", "worst of last 3 %",
-          "train - test", "brief met", "train time")
+def header(split="test"):
+    return ("run", "model", "params", "RF", "epochs", "settings", f"final {split} %", "best %",
+            "worst of last 3 %", f"train - {split}", "brief met" + (" (on val)" if split == "val" else ""),
+            "train time")
 
 
-def row(name, runs):
+def row(name, runs, split="test"):
     """The table row of ``runs`` (one run, or the seeds of one folder) as strings."""
     first = runs[0]
-    judged = [judge(run["epochs"], run["params"], run["config"].get("brief", "S6")) for run in runs]
+    judged = [judge(run["epochs"], run["params"], run["config"].get("brief", "S6"), split) for run in runs]
     field = first.get("receptive_field")
-    finals = [facts["final_test_acc"] for facts in judged]
+    finals = [facts["final_acc"] for facts in judged]
     final = f"{finals[0]:.2f}"
     if len(runs) > 1:
         final = (f"{statistics.mean(finals):.3f} ± {statistics.stdev(finals):.3f} (min {min(finals):.2f}, "
@@ -106,8 +109,8 @@ def row(name, runs):
     met = "yes" if met == len(runs) else "no" if not met else f"{met} of {len(runs)}"
     return (name, first["model"], f"{first['params']:,}", str(field[0]) if field else "?",
             str(judged[0]["epochs"]), settings_of(first), final,
-            f"{average(facts['best_test_acc'] for facts in judged):.2f}",
-            f"{min(facts['last3_min_test_acc'] for facts in judged):.2f}",
+            f"{average(facts['best_acc'] for facts in judged):.2f}",
+            f"{min(facts['last3_min_acc'] for facts in judged):.2f}",
             f"{average(facts['gap'] for facts in judged):+.2f}",
             f"{judged[0]['brief']}: {met}",
             duration(average(facts["seconds"] for facts in judged)))
@@ -117,18 +120,20 @@ def duration(seconds):
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def table(folders, per_seed=False):
+def table(folders, per_seed=False, split="test"):
     """The Markdown table of ``folders``: a row per run or --seeds folder (with ``per_seed``, a row per
-    seed before each folder's own)."""
+    seed before each folder's own), its accuracies on ``split`` (test, or val)."""
     rows = []
     for folder in folders:
         name, runs = load(folder)
+        if split == "val" and "val_acc" not in runs[0]["epochs"][-1]:
+            raise ConfigError(f"{folder} was trained without --val: it has no validation figures")
         if per_seed and len(runs) > 1:
-            rows += [row(f"{name}/seed{run['seed']}", [run]) for run in runs]
-        rows.append(row(name, runs))
-    right = {2, 3, 4, 6, 7, 8, 9, 11}
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join("---:" if column in right else "---" for column in range(len(HEADER))) + "|"]
+            rows += [row(f"{name}/seed{run['seed']}", [run], split) for run in runs]
+        rows.append(row(name, runs, split))
+    right, columns = {2, 3, 4, 6, 7, 8, 9, 11}, header(split)
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" if column in right else "---" for column in range(len(columns))) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
@@ -169,9 +174,12 @@ def main(argv=None):
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="run folders (--out of train.py)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the test curves into this file")
     parser.add_argument("--per-seed", action="store_true", help="a row for each seed of a --seeds folder too")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="the images the accuracies are of: test, or the held-out training images of "
+                        "runs made with --val, on which a sweep chooses (default: test)")
     args = parser.parse_args(argv)
     try:
-        text = table(args.folders, per_seed=args.per_seed)
+        text = table(args.folders, per_seed=args.per_seed, split=args.split)
         if args.plot:
             try:
                 plot_curves(args.folders).savefig(args.plot, dpi=110, bbox_inches="tight")

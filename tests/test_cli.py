@@ -148,7 +148,7 @@ def test_without_out_nothing_is_saved_and_the_last_line_says_so(capsys):
 @pytest.mark.slow  # a fresh Python process that loads torch and predicts 10,000 images
 def test_the_readme_python_snippet_runs_in_a_fresh_process(tmp_path, capsys):
     snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
-    assert 'load_weights(model, "runs/first")' in snippet and "load_mnist(make_config().data_dir" in snippet
+    assert 'load_weights(Net(), "runs/first")' in snippet and "load_mnist(make_config().data_dir" in snippet
     assert cli(capsys, *DRY_FLAGS, "--out", tmp_path / "runs" / "first")[0] == 0
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "MNIST_DATA": DATA_DIR},

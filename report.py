@@ -1,5 +1,6 @@
-"""The results of run folders as a Markdown table, and their test curves on one figure: the Results of a
-write-up, read from the runs themselves instead of typed. Imports no torch.
+"""The results of runs: a Markdown table of run folders and their test curves on one figure (the Results of
+a write-up, read from the runs themselves instead of typed), the verdict of a brief, and the figures of
+one run (its curves, confusion matrix, range test). Imports no torch.
 
     python report.py runs/step1 runs/step2 runs/seeds         # the table, to paste into a hand-in
     python report.py runs/* --plot curves.png                  # and the test curves of every run
@@ -163,6 +164,60 @@ def plot_curves(folders):
              ylim=(math.floor(min(lowest, *targets) * 10 - 2) / 10, 100))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures of one run: its curves, its mistakes, the range test
+
+
+def confusion_matrix(predictions, labels, classes=10):
+    """counts[true, predicted] as an int64 (classes, classes) tensor, of two int64 tensors."""
+    return (labels * classes + predictions).bincount(minlength=classes * classes).reshape(classes, classes)
+
+
+def plot_history(history, target=99.4):
+    """A matplotlib figure of the train and test loss and accuracy per epoch, with the ``target`` test
+    accuracy; it reads as well for one epoch as for twenty."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "o-"), ("test", "s-")):
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], style, ms=4, label=split)
+        acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], style, ms=4, label=split)
+    losses = [row[f"{split}_loss"] for row in history for split in ("train", "test")]
+    loss_axes.set(title="loss", xlabel="epoch", yscale="log", ylim=(min(losses) / 1.5, max(losses) * 1.5))
+    final = history[-1]["test_acc"]
+    acc_axes.set(title=f"accuracy (final test {final:.2f}%)", xlabel="epoch", ylabel="%",
+                 ylim=(min(97.0, history[-1]["train_acc"] - 1, final - 1, target - 1), 100))
+    acc_axes.axhline(target, color="grey", lw=0.8, ls="--", label=f"{target:g}%: the target")
+    for axes in (loss_axes, acc_axes):
+        axes.set_xlim(0.5, epochs[-1] + 0.5)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_lr_range(result, recipe_lr=None):
+    """A matplotlib figure of the range test: smoothed loss against learning rate (log axis), with the
+    suggestion and, if given, the recipe's peak."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(result["lr"], result["loss"], lw=1.2)
+    axes.axvline(result["suggested_lr"], color="crimson", ls="--", lw=1,
+                 label=f"suggested peak {result['suggested_lr']:.3g} (steepest fall)")
+    if recipe_lr is not None:
+        axes.axvline(recipe_lr, color="grey", ls=":", lw=1, label=f"the recipe's peak {recipe_lr:g}")
+    axes.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
+             title="learning-rate range test")
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     return figure
 

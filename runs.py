@@ -15,6 +15,7 @@ checkpoint of its own, and puts it back if the new run stops before that.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -297,6 +298,40 @@ def read_metrics(path):
         raise ConfigError(f"{path} is not the metrics of a finished run of this project: pass --overwrite to "
                           "train it again, or choose another --out")
     return metrics
+
+
+def where_the_files_are(out):
+    if out is None:
+        return "nothing was saved: pass --out DIR to keep the weights (model.pt) and the metrics"
+    return (f"files in {out}/: metrics.json (settings, versions, every epoch), model.pt (the weights), "
+            "checkpoint.pt (for --resume)")
+
+
+def left_behind(folder, command, seeds=False, restored=False):
+    """What a run stopped now leaves in ``folder`` (None: it had none), and the ``command`` that continues
+    it, for the end of a message. ``restored``: an --overwrite put the run it was replacing back."""
+    if folder is None:
+        return kept(None)
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    if restored:
+        text = f"the run it was to replace is back in {folder}; {command} starts again"
+    else:
+        text = kept(folder / "checkpoint.pt", command=command)
+    return f"{folder.path.name}: {text}" if seeds else text
+
+
+def continue_command(flags, out, seeds=None, overwrite=False):
+    """The command that continues a run of ``flags`` (canonical words, whatever the user typed) into
+    ``out``, train.py named so that it runs from the current folder."""
+    script = os.path.relpath(Path(__file__).with_name("train.py"))
+    script = script if not script.startswith("..") else str(Path(__file__).with_name("train.py"))
+    words = [*flags, "--out", str(out)]
+    if seeds is not None:
+        # --resume continues the seed runs of these settings; --overwrite, if given, replaces the others.
+        words += ["--seeds", format_seeds(seeds), "--resume", *(["--overwrite"] if overwrite else [])]
+    else:
+        words += ["--overwrite"] if overwrite and not (Path(out) / "checkpoint.pt").exists() else ["--resume"]
+    return shlex.join(["python", script, *words])
 
 
 def kept(checkpoint, epochs=None, command=None):

@@ -14,7 +14,6 @@
 import argparse
 import errno
 import os
-import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -59,7 +58,7 @@ def main(argv=None):
             folder = request.out
             train_once(request.settings, request.out, resume=request.resume, overwrite=request.overwrite,
                        progress=request.progress)
-            print(where_the_files_are(request.out))
+            print(runs.where_the_files_are(request.out))
         sys.stdout.flush()  # a full disk shows here, not in an "Exception ignored" as Python exits
         return 0
     except TrainingError as error:
@@ -195,7 +194,8 @@ def range_test(given, out=None, progress=True):
 
     from config import build_model
     from data import make_loaders
-    from utils import lr_range_test, pick_device, plot_lr_range, prepare_model, seed_everything
+    from report import plot_lr_range
+    from utils import lr_range_test, pick_device, prepare_model, seed_everything
 
     device = pick_device(config.device)
     seed_everything(config.seed, device, config.deterministic)
@@ -216,47 +216,13 @@ def range_test(given, out=None, progress=True):
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# What a stop leaves
-
-
-def where_the_files_are(out):
-    if out is None:
-        return "nothing was saved: pass --out DIR to keep the weights (model.pt) and the metrics"
-    return (f"files in {out}/: metrics.json (settings, versions, every epoch), model.pt (the weights), "
-            "checkpoint.pt (for --resume)")
-
-
 def stopped(request, folder, restored=False):
-    """What a run stopped now leaves in ``folder`` (its run folder, if it has one), and the command that
-    continues it, for the end of a message. ``restored``: an --overwrite put the old run back."""
+    """What a run stopped now leaves, and the command that continues it (runs.py), for a message's end."""
     if request is None or request.find_lr:
         plot = (request.out or Path(".")) / "lr_range.png" if request else None
         return f"the range test's plot is in {plot}" if plot and plot.exists() else "nothing was written"
-    if folder is None:
-        return runs.kept(None)
-    folder = folder if isinstance(folder, runs.RunFolder) else runs.RunFolder(folder)
-    if restored:
-        text = f"the run it was to replace is back in {folder}; {continuing(request)} starts again"
-    else:
-        text = runs.kept(folder / "checkpoint.pt", command=continuing(request))
-    return f"{folder.path.name}: {text}" if request.seeds is not None else text
-
-
-def continuing(request):
-    """The command that continues ``request``: its flags as they were parsed (whatever their spelling),
-    and train.py named so that it runs from the current folder."""
-    script = os.path.relpath(__file__)
-    script = script if not script.startswith("..") else __file__
-    words = [*request.flags, "--out", str(request.out)]
-    if request.seeds is not None:
-        # --resume continues the seed runs of these settings; --overwrite, if given, replaces the others.
-        words += ["--seeds", runs.format_seeds(request.seeds), "--resume"]
-        words += ["--overwrite"] if request.overwrite else []
-    else:
-        words += ["--overwrite"] if request.overwrite and not (request.out / "checkpoint.pt").exists() \
-            else ["--resume"]
-    return shlex.join(["python", script, *words])
+    command = runs.continue_command(request.flags, request.out, request.seeds, request.overwrite)
+    return runs.left_behind(folder, command, seeds=request.seeds is not None, restored=restored)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Training: fit with its train and test loops, the optimizer, schedule and weight average, the
-device, and the curves; in the order a run uses them. Used by train.py, bench.py and S6.ipynb; the
-settings are in config.py, the data pipelines in data.py, the models in model.py, checkpoints in
-checkpoints.py.
+"""Training: fit with its train and test loops, the optimizer, schedule and weight average, the range
+test, the device and the model's checks before training; in the order a run uses them. Used by train.py,
+bench.py and S6.ipynb; the settings are in config.py, the data pipelines in data.py, the models in
+model.py, checkpoints in checkpoints.py, the figures in report.py.
 
     config = make_config(epochs=20)
     history = fit(model, *make_loaders(config, device), config)
@@ -447,58 +447,3 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots and results
-
-
-def confusion_matrix(predictions, labels, classes=10):
-    """counts[true, predicted] as an int64 (classes, classes) tensor."""
-    counts = torch.bincount(labels * classes + predictions, minlength=classes * classes)
-    return counts.reshape(classes, classes)
-
-
-def plot_history(history, target=99.4):
-    """A matplotlib figure of the train and test loss and accuracy per epoch, with the ``target`` test
-    accuracy; it reads as well for one epoch as for twenty."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for split, style in (("train", "o-"), ("test", "s-")):
-        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], style, ms=4, label=split)
-        acc_axes.plot(epochs, [row[f"{split}_acc"] for row in history], style, ms=4, label=split)
-    losses = [row[f"{split}_loss"] for row in history for split in ("train", "test")]
-    loss_axes.set(title="loss", xlabel="epoch", yscale="log", ylim=(min(losses) / 1.5, max(losses) * 1.5))
-    final = history[-1]["test_acc"]
-    acc_axes.set(title=f"accuracy (final test {final:.2f}%)", xlabel="epoch", ylabel="%",
-                 ylim=(min(97.0, history[-1]["train_acc"] - 1, final - 1, target - 1), 100))
-    acc_axes.axhline(target, color="grey", lw=0.8, ls="--", label=f"{target:g}%: the target")
-    for axes in (loss_axes, acc_axes):
-        axes.set_xlim(0.5, epochs[-1] + 0.5)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.tight_layout()
-    return figure
-
-
-def plot_lr_range(result, recipe_lr=None):
-    """A matplotlib figure of the range test: smoothed loss against learning rate (log axis), with the
-    suggestion and, if given, the recipe's peak."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(result["lr"], result["loss"], lw=1.2)
-    axes.axvline(result["suggested_lr"], color="crimson", ls="--", lw=1,
-                 label=f"suggested peak {result['suggested_lr']:.3g} (steepest fall)")
-    if recipe_lr is not None:
-        axes.axvline(recipe_lr, color="grey", ls=":", lw=1, label=f"the recipe's peak {recipe_lr:g}")
-    axes.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
-             title="learning-rate range test")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    return figure

@@ -6,6 +6,7 @@ import re
 import shlex
 
 import pytest
+import torch
 
 import report
 from conftest import DRY_FLAGS, ROOT, cli
@@ -86,3 +87,22 @@ def test_the_tables_of_the_readme_and_results_are_reports_of_the_committed_recor
 
 def test_the_readme_has_its_model_table():
     assert any(path == "README.md" for path, _ in TABLES)
+
+
+def test_confusion_matrix_counts_true_rows_against_predicted_columns():
+    predictions, labels = torch.tensor([0, 1, 1, 2, 0, 2]), torch.tensor([0, 0, 1, 2, 2, 2])
+    counts = report.confusion_matrix(predictions, labels, classes=3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_plot_history_draws_train_and_test_curves_of_loss_and_accuracy():
+    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 0.5 / e, "train_acc": 98 + e / 10,
+                "test_acc": 98.5 + e / 10} for e in (1, 2, 3)]
+    loss_axes, acc_axes = report.plot_history(history).axes
+    assert [list(line.get_ydata()) for line in loss_axes.lines] == [[1, 0.5, 1 / 3], [0.5, 0.25, 0.5 / 3]]
+    assert list(acc_axes.lines[1].get_ydata()) == [98.6, 98.7, 98.8] and "98.80%" in acc_axes.get_title()
+    # One epoch: its points sit inside axes of some extent, not on a degenerate range.
+    loss_axes, acc_axes = report.plot_history(history[:1]).axes
+    assert loss_axes.get_xlim() == acc_axes.get_xlim() == (0.5, 1.5)
+    low, high = loss_axes.get_ylim()
+    assert low < 0.5 and high > 1 and high / low > 2

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from learner_models import LinearNet
 from torch import nn
 
+import report
 import train as train_py
 import utils
 from checkpoints import load_weights, read_checkpoint
@@ -17,7 +18,7 @@ from conftest import CPU, SMALL, same_weights, train, without_timings
 from data import TensorLoader, make_loaders
 from model import Net, NetCompact
 from static_step import StaticStep
-from utils import average_of, confusion_matrix, evaluate, fit, make_optimizer, prepare_model, train_epoch
+from utils import average_of, evaluate, fit, make_optimizer, prepare_model, train_epoch
 
 
 def test_test_loss_is_the_mean_over_all_images_not_over_batches(mnist):
@@ -64,24 +65,6 @@ def test_full_training_reaches_the_accuracy_target(tmp_path):
     """The README's headline run: the defaults (Net, 20 epochs, seed 0) on the real data, final epoch."""
     metrics = train_py.train_once({"seed": 0}, out=tmp_path, progress=False)
     assert len(metrics["epochs"]) == 20 and metrics["epochs"][-1]["test_acc"] >= 99.4, metrics["epochs"][-1]
-
-
-def test_confusion_matrix_counts_true_rows_against_predicted_columns():
-    counts = confusion_matrix(torch.tensor([0, 1, 1, 2, 0, 2]), torch.tensor([0, 0, 1, 2, 2, 2]), classes=3)
-    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
-
-
-def test_plot_history_draws_train_and_test_curves_of_loss_and_accuracy():
-    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 0.5 / e, "train_acc": 98 + e / 10,
-                "test_acc": 98.5 + e / 10} for e in (1, 2, 3)]
-    loss_axes, acc_axes = utils.plot_history(history).axes
-    assert [list(line.get_ydata()) for line in loss_axes.lines] == [[1, 0.5, 1 / 3], [0.5, 0.25, 0.5 / 3]]
-    assert list(acc_axes.lines[1].get_ydata()) == [98.6, 98.7, 98.8] and "98.80%" in acc_axes.get_title()
-    # One epoch: its points sit inside axes of some extent, not on a degenerate range.
-    loss_axes, acc_axes = utils.plot_history(history[:1]).axes
-    assert loss_axes.get_xlim() == acc_axes.get_xlim() == (0.5, 1.5)
-    low, high = loss_axes.get_ylim()
-    assert low < 0.5 and high > 1 and high / low > 2
 
 
 class Stop(Exception):
@@ -353,7 +336,7 @@ def test_the_range_test_sweeps_the_rate_up_and_puts_the_weights_back():
     assert rates[10] <= result["suggested_lr"] <= rates[lowest] and "falls fastest" in result["rule"]
     assert min(result["loss"]) < result["loss"][0] - 0.2  # the loss falls somewhere on the way up
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
-    assert utils.plot_lr_range(result, recipe_lr=0.2).axes[0].get_xscale() == "log"
+    assert report.plot_lr_range(result, recipe_lr=0.2).axes[0].get_xscale() == "log"
 
 
 def test_auto_picks_the_accelerator_torch_names_then_the_cpu(monkeypatch):

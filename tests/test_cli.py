@@ -2,6 +2,7 @@
 full disks). The run folder's rules are in test_runs.py."""
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -185,9 +186,20 @@ def test_find_lr_checks_where_its_plot_goes_before_the_work(tmp_path, capsys, mo
     refused(capsys, "--find-lr", "--out", tmp_path / "file", words="cannot be used (it is a file)")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     refused(capsys, "--find-lr", "--out", tmp_path / "loop" / "x", words="Too many levels of symbolic links")
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only; root writes anywhere
-    refused(capsys, "--find-lr", "--out", tmp_path / "plots",
-            words="is read-only): choose a folder you can write to")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: False)  # read-only; root writes anywhere
+        refused(capsys, "--find-lr", "--out", tmp_path / "plots",
+                words="is read-only): choose a folder you can write to")
+    # A disk that fills during the test: the suggestion is printed before the plot is written.
+    monkeypatch.setattr(utils, "lr_range_test", lambda *args, **kwargs: {
+        "lr": [1e-3, 1e-2], "loss": [2.0, 1.0], "suggested_lr": 0.05, "rule": "a rule"})
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    code, out, err = cli(capsys, "--find-lr", "--quiet", "--train-limit", 200, "--out", tmp_path / "full")
+    assert code == 2 and "suggested peak learning rate 0.05" in out
+    plot = tmp_path / "full" / "lr_range.png"
+    assert err == f"error: the plot cannot be written to {plot} (No space left on device); the suggestion " \
+                  "above stands\n"
 
 
 def script(*args):

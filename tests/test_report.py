@@ -44,8 +44,8 @@ def test_a_table_of_runs_and_a_seeds_folder_holds_their_figures(tmp_path, capsys
     dry = json.loads((tmp_path / "dry" / "metrics.json").read_text())
     assert cells(text, "dry")[6].strip() == f"{dry['epochs'][-1]['test_acc']:.2f}"
     per_seed = report.table([tmp_path / "seeds"], per_seed=True)
-    assert [line.split(" | ")[0] for line in per_seed.splitlines()[2:]] == ["| seeds/seed0", "| seeds/seed1",
-                                                                           "| seeds"]
+    names = [line.split(" | ")[0] for line in per_seed.splitlines()[2:]]
+    assert names == ["| seeds/seed0", "| seeds/seed1", "| seeds"]
 
 
 def test_the_verdict_of_a_brief_says_what_held_and_what_missed():

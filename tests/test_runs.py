@@ -38,9 +38,9 @@ def epochs_of(folder):
 
 
 @pytest.mark.parametrize(("out", "words"), [
-    ("file", "cannot be used (it is a file)"), ("file/run", "file is a file)"), ("x" * 300,
-                                                                                 "File name too long"),
-    ("", "--out is empty: name the folder"), ("loop/run", "Too many levels of symbolic links"),
+    ("file", "cannot be used (it is a file)"), ("file/run", "file is a file)"),
+    ("x" * 300, "File name too long"), ("", "--out is empty: name the folder"),
+    ("loop/run", "Too many levels of symbolic links"),
 ])
 def test_an_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, capsys, no_training, out, words):
     (tmp_path / "file").write_text("mine")
@@ -99,8 +99,7 @@ def test_a_finished_runs_lost_model_pt_is_written_again_from_its_checkpoint(tmp_
 
 @pytest.mark.parametrize("mistake", ["data", "step", "device", "training", "ctrl-c"])
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, capsys, monkeypatch,
-                                                                        offline,
-                                                                       mistake):
+                                                                        offline, mistake):
     if mistake == "device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert cli(capsys, *DRY_FLAGS, "--out", tmp_path / "run")[0] == 0
@@ -155,14 +154,13 @@ def test_resume_after_a_run_died_before_its_first_checkpoint_keeps_its_settings(
     with monkeypatch.context() as patch:
         ctrl_c_at_epoch(patch, 1)
         code, _, err = cli(capsys, *SMALL_FLAGS, "--lr", 0.05, "--seed", 3, "--out", tmp_path)
-    assert code == 130 and "no epoch had finished" in err and err.strip().endswith("--resume starts it again "
-                                                                                   "with its settings")
+    assert code == 130 and "no epoch had finished" in err
+    assert err.strip().endswith("--resume starts it again with its settings")
     assert cli(capsys, *hinted_command(err))[0] == 0
     config = json.loads((tmp_path / "metrics.json").read_text())["config"]
     assert (config["lr"], config["seed"], config["epochs"], config["train_limit"]) == (0.05, 3, 2, 1000)
     refused(capsys, "--out", tmp_path, "--resume", "--lr", 0.3,
-            words="other settings (lr 0.05 -> 0.3): resume "
-                                                                      "without those flags")
+            words="other settings (lr 0.05 -> 0.3): resume without those flags")
 
 
 def test_an_interrupted_run_continued_as_its_hint_says_ends_as_one_never_interrupted(tmp_path, capsys,
@@ -221,8 +219,8 @@ def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_pa
         patch.setattr(torch, "save", disk_fills_at_the_second_checkpoint)
         refused(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", full,
                 words="(No space left on device): free some space")
-    assert read_checkpoint(full / "checkpoint.pt")["epoch"] == 1 and sorted(files(full)) == ["checkpoint.pt",
-                                                                                          "config.json"]
+    assert read_checkpoint(full / "checkpoint.pt")["epoch"] == 1
+    assert sorted(files(full)) == ["checkpoint.pt", "config.json"]
     assert cli(capsys, "--out", full, "--resume", "--quiet")[0] == 0
     assert [row["test_loss"] for row in epochs_of(full)] == [row["test_loss"]
                                                              for row in epochs_of(tmp_path / "whole")]

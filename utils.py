@@ -42,9 +42,9 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
         log=print):
     """Train for ``config.epochs`` with SGD under a one-cycle schedule (see make_optimizer).
 
-    Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a path, or a run folder for its
-    checkpoint.pt), saves everything needed to continue after every epoch, atomically; with ``resume``
-    also, continues from it.
+    Returns the history, a list of per-epoch dicts. With ``checkpoint`` (a file, or a folder, such as
+    runs/s6, for its checkpoint.pt), saves everything needed to continue after every epoch, atomically;
+    with ``resume`` also, continues from it.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"fit needs a TrainConfig (config.make_config(...)), got {type(config).__name__}")
@@ -59,7 +59,8 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
             raise ConfigError("checkpoint is empty: give a path such as runs/s6/checkpoint.pt, or None to "
                               "keep none")
         checkpoint = Path(checkpoint).expanduser()
-        checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
+        if checkpoint.is_dir() or not checkpoint.suffix:  # a run folder, such as runs/s6
+            checkpoint = checkpoint / "checkpoint.pt"
     params = sum(p.numel() for p in model.parameters())
     changed = ", ".join(changed_settings(config)) or "none"
     log(f"{name}: {params:,} parameters, seed {config.seed}, on {next(model.parameters()).device}; "

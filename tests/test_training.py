@@ -417,8 +417,8 @@ def test_fit_answers_settings_edited_after_make_config_and_odd_arguments_in_one_
         fit(Net(), *loaders, make_config(**SMALL), checkpoint="")
     config = make_config(**SMALL)
     config.dry_run = True  # after make_config: still a dry run of one epoch
-    assert len(fit(Net(), *loaders, config, checkpoint=tmp_path, log=lambda line: None)) == 1
-    assert (tmp_path / "checkpoint.pt").exists()  # a run folder stands for its checkpoint.pt
+    assert len(fit(Net(), *loaders, config, checkpoint=tmp_path / "run", log=lambda line: None)) == 1
+    assert (tmp_path / "run" / "checkpoint.pt").exists()  # a folder stands for its checkpoint.pt
 
 
 @pytest.mark.parametrize(("change", "words"), [

@@ -84,7 +84,8 @@ def settings_of(run):
     """The settings in which a run differs from the defaults, the seed and epochs aside (columns of
     their own)."""
     known = {key: value for key, value in run["config"].items() if key in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{**known, "data_dir": default_setting("data_dir")})
+    # The model is a column of its own, and may be a class this model.py no longer has.
+    config = TrainConfig(**{**known, "model": "Net", "data_dir": default_setting("data_dir")})
     words = [word for word in changed_settings(config) if not word.startswith("epochs ")]
     return ", ".join(words) or "defaults"
 

@@ -263,8 +263,11 @@ def lr_range_test(model, train_loader, config, *, iterations=300, start_lr=1e-4,
     one-cycle schedule: about where training makes the most progress per step.
     """
     import contextlib
+    import functools
     import io
+    from unittest import mock
 
+    import torch_lr_finder.lr_finder
     from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
     class Batches(TrainDataLoaderIter):  # our loaders yield (images, labels) on the device already
@@ -274,10 +277,11 @@ def lr_range_test(model, train_loader, config, *, iterations=300, start_lr=1e-4,
     optimizer = torch.optim.SGD(model.parameters(), lr=start_lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
     finder = LRFinder(model, optimizer, torch.nn.NLLLoss(), device=next(model.parameters()).device)
-    # torch-lr-finder prints its own lines (one with a template it never fills in), ours say what matters;
-    # its progress bar cannot be turned off but by taking its output.
-    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-    with contextlib.redirect_stdout(io.StringIO()), quiet:
+    # torch-lr-finder prints its own lines (one with a template it never fills in), ours say what matters.
+    # It has no switch for its progress bar, a widget in a notebook: without progress, its module's tqdm is
+    # a silent one for the call.
+    quiet = mock.patch.object(torch_lr_finder.lr_finder, "tqdm", functools.partial(tqdm, disable=True))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.nullcontext() if progress else quiet:
         finder.range_test(Batches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=iterations,
                           step_mode="exp")
     finder.reset()

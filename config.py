@@ -287,7 +287,8 @@ def changed_settings(config):
 STRONGER_AUGMENTATION = {"rotate": 10.0, "shift": 2.0, "scale": 0.1}
 RECIPES = {
     "Net": {"model": "Net"},
-    "NetCompact": {"model": "NetCompact", "epochs": 15, **STRONGER_AUGMENTATION},
+    # The S7 brief's model: 15 epochs, judged by 99.4% in each of the last three.
+    "NetCompact": {"model": "NetCompact", "brief": "S7", "epochs": 15, **STRONGER_AUGMENTATION},
     "NetTiny": {"model": "NetTiny", "epochs": 20, **STRONGER_AUGMENTATION, "clean_bn": True},
     # Net's augmentation and schedule, with BatchNorm statistics of clean images at the end.
     "NetMicro": {"model": "NetMicro", "epochs": 20, "clean_bn": True},

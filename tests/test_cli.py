@@ -60,13 +60,12 @@ def test_every_setting_has_its_flag_with_help_and_default(capsys):
 
 
 def test_a_run_says_its_recipe_and_its_flags_reach_it(tmp_path, capsys):
-    code, out, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4, "--lr",
-                         0.05,
-                         "--out", tmp_path)
+    code, out, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4,
+                         "--lr", 0.05, "--out", tmp_path)
     assert code == 0, err
-    assert out.splitlines()[0] == ("NetCompact: 7,946 parameters, seed 4, on cpu; settings other than the "
-                                   "defaults: epochs 3, batch-size 100, lr 0.05, rotate 10, shift 2, scale "
-                                   "0.1, ema 0, train-limit 1000, test-limit 500")
+    assert out.splitlines()[0] == ("NetCompact: 7,986 parameters, seed 4, on cpu; settings other than the "
+                                   "defaults: brief S7, epochs 3, batch-size 100, lr 0.05, rotate 10, "
+                                   "shift 2, scale 0.1, ema 0, train-limit 1000, test-limit 500")
     assert [line[:10] for line in out.splitlines() if line.startswith("epoch")] == [
         "epoch  1/3", "epoch  2/3", "epoch  3/3"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """report.py: the results table of run folders, the verdict of a brief, and the tables of the README and
 RESULTS.md, which are its output over the committed run records."""
 
+import importlib.util
 import json
 import re
 import shlex
@@ -87,6 +88,23 @@ def test_the_tables_of_the_readme_and_results_are_reports_of_the_committed_recor
 
 def test_the_readme_has_its_model_table():
     assert any(path == "README.md" for path, _ in TABLES)
+
+
+def test_the_sweep_candidates_build_the_layers_their_records_name(tmp_path):
+    # What RESULTS.md tells a reader to do: append the candidates to model.py.
+    path = tmp_path / "model.py"
+    path.write_text((ROOT / "model.py").read_text() + (ROOT / "records/sweeps/candidates.py").read_text())
+    spec = importlib.util.spec_from_file_location("model_with_candidates", path)
+    candidates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(candidates)
+    records = sorted((ROOT / "records/sweeps").glob("*/*/seed0/metrics.json"))
+    assert len(records) >= 10
+    for path in records:
+        metrics = json.loads(path.read_text())
+        name = "NetCompactR3" if path.parts[-3].startswith("nc-") else metrics["model"]
+        model = getattr(candidates, name)()
+        assert sum(p.numel() for p in model.parameters()) == metrics["params"], path
+        assert repr(model).split("\n", 1)[1] == metrics["layers"].split("\n", 1)[1], path
 
 
 def test_confusion_matrix_counts_true_rows_against_predicted_columns():

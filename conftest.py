@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 DATA_DIR = os.path.abspath(TrainConfig().data_dir)
 # The models shipped with the project, which tests may name; a model a learner adds is tested only on
 # what every model must do.
-SHIPPED = ("Net", "NetCompact", "NetTiny", "NetMicro")
+SHIPPED = ("Net", "NetCompact", "NetTiny", "NetMicro", "NetNano")
 MODELS = model_names()
 # Every short training run of the tests: 10 batches of 100 training images, 500 test images. No weight
 # average: over a few dozen steps it would still be close to the initial weights.

@@ -23,7 +23,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Functional calls of a forward that the table lists: those that change the field or the shape, and
 # those the checks look for. Named as func.__name__ gives them.
 WINDOWED = {"conv2d", "max_pool2d", "avg_pool2d"}
@@ -77,14 +76,14 @@ class Description(NamedTuple):
         return self.rows[-1].receptive_field if self.rows else None
 
     @property
+    def sees_image(self):
+        return bool(self.output_field) and all(r >= n for r, n in zip(self.output_field, self.image[-2:]))
+
+    @property
     def sees_digit(self):
         """Whether the last convolution wider than 1x1 sees a whole digit, and the output the whole image."""
-        last, output = self.last_conv, self.output_field
-        return bool(last and last.receptive_field and output) and min(last.receptive_field) >= DIGIT \
-            and all(r >= n for r, n in zip(output, self.image[-2:]))
-
-    def __str__(self):
-        return self.table()
+        last = self.last_conv
+        return bool(last and last.receptive_field) and min(last.receptive_field) >= DIGIT and self.sees_image
 
     def table(self, short=False):
         """The table as text; ``short`` keeps only the layers that change the field or hold weights
@@ -92,7 +91,8 @@ class Description(NamedTuple):
         header = ("layer", "type", "k / s / p / d", "output", "RF", "jump", "params", "MACs")
         rows = [row for row in self.rows if not short or row.window is not None
                 or row.kind in ("Linear", "F.linear")]
-        lines = [header] + [(row.name, row.kind, window_text(row.window), "x".join(map(str, row.output)),
+        lines = [header] + [(row.name, row.kind, " / ".join(map(pair_text, row.window or ())),
+                             "x".join(map(str, row.output)),
                              pair_text(row.receptive_field),
                              pair_text(row.jump) if len(row.output) == 3 else "",  # flat: no jump
                              f"{row.params:,}", f"{row.macs:,}") for row in rows]
@@ -109,6 +109,8 @@ class Description(NamedTuple):
                          "outside a module, or of a layer that never ran)")
         return "\n".join([f"{self.model}: input {'x'.join(map(str, self.image))}", *text, *notes])
 
+    __str__ = table
+
     def verdict(self):
         """What the last convolution wider than 1x1 and the output see, in one line."""
         size = "x".join(map(str, self.image[-2:]))
@@ -123,7 +125,7 @@ class Description(NamedTuple):
         else:
             text = (f"the last convolution wider than 1x1 ({which}) sees only {seen} pixels, less than a "
                     f"digit ({DIGIT}x{DIGIT}): add a convolution or a pooling before it")
-        if all(r >= n for r, n in zip(self.output_field, self.image[-2:])):
+        if self.sees_image:
             return f"{text}; the output sees the whole {size} image"
         return f"{text}; the output sees only {'x'.join(map(str, self.output_field))} of the {size} image"
 
@@ -136,12 +138,6 @@ def pair_text(values):
     if values is None:
         return "?"
     return str(values[0]) if values[0] == values[1] else "x".join(map(str, values))
-
-
-def window_text(window):
-    if window is None:
-        return ""
-    return " / ".join(pair_text(values) for values in window)
 
 
 class ModelError(ValueError):
@@ -177,12 +173,10 @@ class Recorder(TorchFunctionMode):
     def __init__(self, model):
         super().__init__()
         self.calls, self.running = [], []
-        self.handles = []
-        for name, module in model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(
-                lambda module, inputs, name=name: self.running.append(name)))
-            self.handles.append(module.register_forward_hook(
-                lambda module, inputs, output, name=name: self.ran(name, module, inputs, output)))
+        self.handles = [handle for name, module in model.named_modules() for handle in (
+            module.register_forward_pre_hook(lambda module, inputs, name=name: self.running.append(name)),
+            module.register_forward_hook(lambda module, inputs, output, name=name: self.ran(name, module,
+                                                                                            inputs, output)))]
         self.leaves = {name for name, module in model.named_modules() if not list(module.children())}
 
     def ran(self, name, module, inputs, output):
@@ -224,9 +218,7 @@ def describe(model, image=(1, 28, 28)):
     recorder = Recorder(model)
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *image)
-    if (parameter := next(model.parameters(), None)) is not None:
-        x = x.to(parameter.device, parameter.dtype if parameter.is_floating_point() else None)
+    x = images_for(model, torch.zeros(1, *image))
     try:
         with recorder:
             model(x)
@@ -241,6 +233,12 @@ def describe(model, image=(1, 28, 28)):
     uncounted = [name for name, parameter in model.named_parameters() if id(parameter) not in held]
     return Description(type(model).__name__, tuple(image), rows, sum(p.numel() for p in model.parameters()),
                        uncounted, lost)
+
+
+def images_for(model, images):
+    """``images`` on the device, and in the float type, of ``model``'s weights."""
+    weight = next(model.parameters(), images)
+    return images.to(weight.device, weight.dtype if weight.is_floating_point() else None)
 
 
 def follow(calls, image):
@@ -337,8 +335,8 @@ def dropout_of(call):
 
 
 class Checks(NamedTuple):
-    model: str
     rows: list  # (check, passed, what was found)
+    description: Description
 
     @property
     def passed(self):
@@ -349,7 +347,7 @@ class Checks(NamedTuple):
         lines = [f"{'PASS' if passed else 'FAIL'}  {check.ljust(width)}  {found}"
                  for check, passed, found in self.rows]
         verdict = "all checks pass" if self.passed else "some checks FAIL"
-        return "\n".join([f"{self.model}: {verdict}", *lines])
+        return "\n".join([f"{self.description.model}: {verdict}", *lines])
 
 
 def output_problem(output, count):
@@ -387,10 +385,7 @@ def check_model(model, budget, allow_linear=False, image=(1, 28, 28)):
     dropouts = [row.dropout for row in rows if row.dropout > 0]
     linear = [row.name for row in rows if row.kind in ("Linear", "F.linear")]
     gap = [row.name for row in rows if is_global_average(row)]
-    parameter = next(model.parameters(), None)
-    batch = torch.randn(2, *image, generator=torch.Generator().manual_seed(0))
-    if parameter is not None:
-        batch = batch.to(parameter.device, parameter.dtype)
+    batch = images_for(model, torch.randn(2, *image, generator=torch.Generator().manual_seed(0)))
     was_training = model.training
     model.eval()
     try:
@@ -399,9 +394,8 @@ def check_model(model, budget, allow_linear=False, image=(1, 28, 28)):
     finally:
         model.train(was_training)
     last, output = description.last_conv, description.output_field
-    whole = output and all(r >= n for r, n in zip(output, image[-2:]))
     seen = (f"{description.label(last)} sees {'x'.join(map(str, last.receptive_field))}, the output "
-            + ("the whole image" if whole else "only " + "x".join(map(str, output)))
+            + ("the whole image" if description.sees_image else "only " + "x".join(map(str, output)))
             if last and last.receptive_field and output else description.verdict())
     checks = [
         (f"parameters < {budget:,}", description.params < budget, f"{description.params:,}"),
@@ -414,7 +408,7 @@ def check_model(model, budget, allow_linear=False, image=(1, 28, 28)):
         ("output (N, 10) of log-probabilities", problem is None, problem or "yes"),
         (f"receptive field: a digit ({DIGIT}x{DIGIT}), then the image", description.sees_digit, seen),
     ]
-    return Checks(type(model).__name__, checks)
+    return Checks(checks, description)
 
 
 def is_global_average(row):
@@ -431,30 +425,27 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="The architecture table and the model checks of models in "
                                                  "model.py (the shipped ones by default).")
-    parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="model names (default: the shipped models)")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="model names (default: the shipped ones)")
     parser.add_argument("--brief", choices=list(BRIEFS),
                         help="the course brief whose parameter budget the models are held to (default: a "
                         "shipped model's own, S6's for the others)")
     parser.add_argument("--budget", type=int, help="a parameter budget for every model named instead")
     parser.add_argument("--allow-linear", action="store_true", help="allow fully connected layers")
     parser.add_argument("--short", action="store_true",
-                        help="only the layers that change the receptive field or hold weights (not BatchNorm "
-                        "and activations, whose parameters count in the total)")
+                        help="only the layers that change the receptive field or hold weights (the "
+                        "parameters of the rest still count in the total)")
     args = parser.parse_args(argv)
     passed = True
     try:
-        names = args.models or [name for name in model_names() if name in BUDGETS]
-        for name in names:
-            model = build_model(name)
+        for name in args.models or [name for name in model_names() if name in BUDGETS]:
             try:
-                description = describe(model)
-                checks = check_model(model, args.budget or budget_of(name, args.brief), args.allow_linear)
+                checks = check_model(build_model(name), args.budget or budget_of(name, args.brief),
+                                     args.allow_linear)
             except ModelError as error:
                 print(f"error: {error}", file=sys.stderr)
                 passed = False
                 continue
-            print(f"{description.table(short=args.short)}\n\n{checks}\n")
+            print(f"{checks.description.table(short=args.short)}\n\n{checks}\n")
             passed &= checks.passed
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")

@@ -130,6 +130,7 @@ def test_a_model_py_that_does_not_parse_is_one_line_even_for_help(tmp_path, caps
 @pytest.mark.parametrize("args", [["--help"], ["--epochs", "0"], ["--model", "ResNet"], ["--lr", "x"],
                                   ["--out", "", "--dry-run"]])
 def test_help_and_mistakes_are_answered_before_torch_is_imported(args):
+    # train.py imports runs.py and config.py first: they need no torch either.
     script = ("import sys, train\ntry:\n    train.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
               "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
     result = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,

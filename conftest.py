@@ -63,15 +63,15 @@ def refused(capsys, *args, words):
     return err
 
 
-def train(model="Net", seed=0, checkpoint=None, resume=False, loaders=None, **settings):
+def train(model="Net", seed=0, checkpoint=None, resume=False, device=CPU, **settings):
     """(model, history) of a quiet run of ``settings`` on top of SMALL, as train.py trains."""
     from utils import fit, prepare_model, seed_everything
 
     config = TrainConfig(model=model, seed=seed, **{**SMALL, **settings})
-    seed_everything(seed, CPU)
-    network = prepare_model(build_model(model), CPU, log=lambda line: None)
-    history = fit(network, *(loaders or make_loaders(config, CPU)), config, checkpoint=checkpoint,
-                  resume=resume, progress=False, log=lambda line: None)
+    seed_everything(seed, device, config.deterministic)
+    network = prepare_model(build_model(model), device, log=lambda line: None)
+    history = fit(network, *make_loaders(config, device), config, checkpoint=checkpoint, resume=resume,
+                  progress=False, log=lambda line: None)
     return network, history
 
 

@@ -2,6 +2,7 @@
 checks before training, the range test, the device; checkpoints and weights."""
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -230,26 +231,19 @@ def test_the_static_step_trains_to_the_same_accuracy():
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def train_on_cuda(seed, **overrides):
-    device = torch.device("cuda")
-    config = TrainConfig(seed=seed, **{**SMALL, "train_limit": 3000, **overrides})
-    utils.seed_everything(seed, device, config.deterministic)
-    model = prepare_model(Net(), device)
-    history = fit(model, *make_loaders(config, device), config, progress=False, log=lambda line: None)
-    return model, history
-
-
 @CUDA
 @pytest.mark.parametrize("step", ["eager", "graph"])
 def test_cuda_runs_with_one_seed_are_identical(step):
-    (first, first_history), (second, second_history) = (train_on_cuda(1, step=step) for _ in range(2))
+    (first, first_history), (second, second_history) = (
+        train(seed=1, train_limit=3000, step=step, device=torch.device("cuda")) for _ in range(2))
     assert without_timings(first_history) == without_timings(second_history) and same_weights(first, second)
 
 
 @CUDA
 def test_the_cuda_graph_trains_as_the_static_step_does():
-    static, static_history = train_on_cuda(2, step="static", ema=0.9)  # 3 epochs of 30 batches
-    graph, graph_history = train_on_cuda(2, step="graph", ema=0.9)
+    (static, static_history), (graph, graph_history) = (  # 2 epochs of 30 batches
+        train(seed=2, train_limit=3000, step=step, ema=0.9, device=torch.device("cuda"))
+        for step in ("static", "graph"))
     for (name, a), b in zip(static.state_dict().items(), graph.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
     for row, again in zip(static_history, graph_history):
@@ -273,18 +267,10 @@ def test_the_range_test_sweeps_the_rate_up_and_puts_the_weights_back():
 
 
 def test_auto_picks_the_accelerator_torch_names_then_the_cpu(monkeypatch):
-    class Accelerator:
-        def __init__(self, kind):
-            self.kind = kind
-
-        def is_available(self):
-            return self.kind is not None
-
-        def current_accelerator(self):
-            return torch.device(self.kind)
-
     for kind, expected in (("mps", "mps"), ("cuda", "cuda"), ("xpu", "cpu"), (None, "cpu")):
-        monkeypatch.setattr(torch, "accelerator", Accelerator(kind), raising=False)
+        accelerator = SimpleNamespace(is_available=lambda kind=kind: kind is not None,
+                                      current_accelerator=lambda kind=kind: torch.device(kind))
+        monkeypatch.setattr(torch, "accelerator", accelerator, raising=False)
         assert utils.pick_device("auto").type == expected
     # Older torch, without torch.accelerator: CUDA, then MPS, then the CPU.
     monkeypatch.delattr(torch, "accelerator", raising=False)

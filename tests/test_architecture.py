@@ -194,6 +194,7 @@ def test_architecture_py_checks_the_shipped_models_against_their_own_budgets(cap
     assert [line.split(":")[0] for line in out.splitlines() if "all checks pass" in line] == list(SHIPPED)
     assert "parameters < 8,000" in out and "parameters < 3,000" in out
     assert "(features.15) sees 30x30 pixels: a whole digit; the output sees the whole 28x28 image" in out
+    assert describe(build_model("Net")).output_field == (54, 54)
     assert architecture.main(["NetMicro", "--budget", "2000"]) == 1
     capsys.readouterr()
     assert architecture.main(["Net", "--short"]) == 0

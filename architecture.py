@@ -55,6 +55,7 @@ class Description(NamedTuple):
     params: int  # all of model.parameters()
     uncounted: list  # names of parameters that no listed layer holds (used functionally, or never run)
     lost: str | None  # why the receptive field could not be followed, if it could not
+    problem: str | None  # what training would refuse in its output (output_problem); None: nothing
 
     @property
     def macs(self):
@@ -199,10 +200,6 @@ class Recorder(TorchFunctionMode):
                                    arguments, shape_of(args[0]), shape_of(output)))
         return output
 
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
 
 def shape_of(value):
     while isinstance(value, (tuple, list)) and value:
@@ -212,27 +209,28 @@ def shape_of(value):
 
 @torch.no_grad()
 def describe(model, image=(1, 28, 28)):
-    """The architecture table of ``model`` for one input image of shape ``image``: its layers and
-    functional calls in the order they run, found by running it once in evaluation mode. ModelError if
-    the forward fails."""
+    """The architecture table of ``model`` for input images of shape ``image``: its layers and functional
+    calls in the order they run, found by running it once in evaluation mode on two images (a fixed draw),
+    and what is wrong with its output, if anything. ModelError if the forward fails."""
     recorder = Recorder(model)
     was_training = model.training
     model.eval()
-    x = images_for(model, torch.zeros(1, *image))
+    x = images_for(model, torch.randn(2, *image, generator=torch.Generator().manual_seed(0)))
     try:
         with recorder:
-            model(x)
+            output = model(x)
     except Exception as error:  # noqa: BLE001 (any failure of a learner's forward, in one line)
         raise ModelError(f"{type(model).__name__}'s forward fails on a batch shaped {tuple(x.shape)} "
                          f"({type(error).__name__}: {' '.join(str(error).split())})") from None
     finally:
         model.train(was_training)
-        recorder.remove()
+        for handle in recorder.handles:
+            handle.remove()
     rows, seen, lost = follow(recorder.calls, tuple(image))
     held = {id(parameter) for module in seen for parameter in module.parameters(recurse=False)}
     uncounted = [name for name, parameter in model.named_parameters() if id(parameter) not in held]
     return Description(type(model).__name__, tuple(image), rows, sum(p.numel() for p in model.parameters()),
-                       uncounted, lost)
+                       uncounted, lost, output_problem(output, len(x)))
 
 
 def images_for(model, images):
@@ -385,14 +383,6 @@ def check_model(model, budget, allow_linear=False, image=(1, 28, 28)):
     dropouts = [row.dropout for row in rows if row.dropout > 0]
     linear = [row.name for row in rows if row.kind in ("Linear", "F.linear")]
     gap = [row.name for row in rows if is_global_average(row)]
-    batch = images_for(model, torch.randn(2, *image, generator=torch.Generator().manual_seed(0)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            problem = output_problem(model(batch), 2)
-    finally:
-        model.train(was_training)
     last, output = description.last_conv, description.output_field
     seen = (f"{description.label(last)} sees {'x'.join(map(str, last.receptive_field))}, the output "
             + ("the whole image" if description.sees_image else "only " + "x".join(map(str, output)))
@@ -405,7 +395,7 @@ def check_model(model, budget, allow_linear=False, image=(1, 28, 28)):
         ("global average pooling", bool(gap), ", ".join(gap) or "no average over the whole image"),
         ("fully connected layer allowed" if allow_linear else "no fully connected layer",
          allow_linear or not linear, ", ".join(linear) or "none"),
-        ("output (N, 10) of log-probabilities", problem is None, problem or "yes"),
+        ("output (N, 10) of log-probabilities", description.problem is None, description.problem or "yes"),
         (f"receptive field: a digit ({DIGIT}x{DIGIT}), then the image", description.sees_digit, seen),
     ]
     return Checks(checks, description)

@@ -34,6 +34,8 @@ from config import (
 )
 from runs import kept
 
+READ_EVERY = 20  # batches between reads of the running sums (the progress bar's loss, the non-finite check)
+
 # ---------------------------------------------------------------------------------------------
 # Training: fit, one epoch, the test pass
 
@@ -67,11 +69,14 @@ def fit(model, train_loader, test_loader, config, *, checkpoint=None, resume=Fal
         f"settings other than the defaults: {changed}")
     steps = config.epochs * len(train_loader)
     optimizer, scheduler = make_optimizer(model, config, steps)
-    averaged = average_of(model, config.ema if average_is_ready(config.ema, steps) else 0.0)
+    # The average starts at the initial weights: in a run too short to forget them (a dry run, one epoch)
+    # it would test far worse than the model, which looks like a broken run.
+    forget = steps_to_forget(config.ema) if config.ema else 0
+    averaged = average_of(model, config.ema if steps >= forget else 0.0)
     if config.ema and averaged is None:
         log(f"note: no weight average in this run: after {steps} steps it would still hold "
             f"{config.ema ** steps:.0%} of the initial weights and test worse than the model (a decay of "
-            f"{config.ema:g} needs {steps_to_forget(config.ema):,} steps); the model is tested and kept")
+            f"{config.ema:g} needs {forget:,} steps); the model is tested and kept")
     if steps < (full_epoch := math.ceil(TRAIN_IMAGES / config.batch_size)):
         what = "a dry run checks that every part runs; " if config.dry_run else ""
         log(f"note: {steps} training steps are too few to learn much (one epoch of all {TRAIN_IMAGES:,} "
@@ -167,9 +172,6 @@ def train_epoch(model, loader, optimizer, scheduler, *, averaged=None, label_smo
     return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen}
 
 
-READ_EVERY = 20  # batches between reads of the running sums (the progress bar's loss, the non-finite check)
-
-
 @torch.inference_mode()
 def evaluate(model, loader, *, progress=False):
     """{"loss": mean NLL over all images, "acc": percent correct, "predictions": int64 CPU tensor}."""
@@ -228,14 +230,8 @@ def average_of(model, decay):
     return averaged
 
 
-def average_is_ready(decay, steps):
-    """Whether an average with this per-step decay forgets its initial weights (all but 1%) in
-    ``steps``. It starts at them: in a short run (a dry run, one epoch) it would test far worse than the
-    model, which looks like a broken run."""
-    return decay ** steps <= 0.01
-
-
 def steps_to_forget(decay):
+    """The steps after which an average of this per-step decay holds under 1% of its initial weights."""
     return math.ceil(math.log(0.01) / math.log(decay))
 
 

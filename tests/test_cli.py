@@ -17,29 +17,9 @@ import torch
 import torchvision
 
 import train
-from config import TrainConfig
-from conftest import DATA_DIR, DRY_FLAGS, ROOT, SMALL_FLAGS, cli, project_copy, refused, run
-from model import Net
-from utils import pick_device
-
-
-def test_a_dry_run_writes_metrics_and_weights_and_says_its_accuracy_means_little(tmp_path, capsys):
-    code, out, err = cli(capsys, "--dry-run", "--out", tmp_path, "--quiet")
-    assert code == 0, err
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert (metrics["model"], metrics["seed"], metrics["device"]) == ("Net", 0, str(pick_device("auto")))
-    assert (metrics["params"], metrics["layers"]) == (sum(p.numel() for p in Net().parameters()), repr(Net()))
-    assert len(metrics["epochs"]) == 1 and set(metrics["epochs"][0]) >= {
-        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
-    assert metrics["config"] == dataclasses.asdict(TrainConfig(dry_run=True))
-    runtime = metrics["runtime"]
-    assert (runtime["torch"], runtime["torchvision"]) == (torch.__version__, torchvision.__version__)
-    Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    if head.returncode == 0:
-        assert runtime["git_commit"] == head.stdout.strip() and isinstance(runtime["git_dirty"], bool)
-    assert out.splitlines()[-1].startswith(f"files in {tmp_path}/: metrics.json")
-    assert "a dry run checks that every part runs; the test accuracy of this run says little" in out
+from config import TrainConfig, make_config
+from conftest import DATA_DIR, DRY_FLAGS, ROOT, SMALL, SMALL_FLAGS, cli, project_copy, refused, run
+from model import NetCompact
 
 
 def test_every_setting_has_its_flag_with_help_and_default(capsys):
@@ -55,27 +35,37 @@ def test_every_setting_has_its_flag_with_help_and_default(capsys):
     assert "S7, under 8,000 parameters, 15 epochs or fewer, 99.4% test accuracy in each of the last 3" in text
 
 
-def test_a_run_says_its_recipe_and_its_flags_reach_it(tmp_path, capsys):
+def test_a_run_says_its_recipe_and_writes_its_settings_metrics_runtime_and_weights(tmp_path, capsys):
     code, out, err = cli(capsys, *SMALL_FLAGS, "--epochs", 3, "--model", "NetCompact", "--seed", 4,
-                         "--lr", 0.05, "--out", tmp_path)
+                         "--lr", 0.05, "--device", "cpu", "--out", tmp_path)
     assert code == 0, err
     assert out.splitlines()[0] == ("NetCompact: 7,986 parameters, seed 4, on cpu; settings other than the "
                                    "defaults: brief S7, epochs 3, batch-size 100, lr 0.05, rotate 10, "
                                    "shift 2, scale 0.1, ema 0, train-limit 1000, test-limit 500")
     assert [line[:10] for line in out.splitlines() if line.startswith("epoch")] == [
         "epoch  1/3", "epoch  2/3", "epoch  3/3"]
+    assert out.splitlines()[-1].startswith(f"files in {tmp_path}/: metrics.json")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert (metrics["model"], metrics["seed"], len(metrics["epochs"])) == ("NetCompact", 4, 3)
-    assert metrics["config"]["lr"] == 0.05 and metrics["config"]["test_limit"] == 500
+    settings = {**SMALL, "epochs": 3, "model": "NetCompact", "seed": 4, "lr": 0.05, "device": "cpu"}
+    assert metrics["config"] == dataclasses.asdict(make_config(**settings))
+    assert (metrics["model"], metrics["seed"], metrics["device"]) == ("NetCompact", 4, "cpu")
+    assert (metrics["params"], metrics["layers"]) == (7_986, repr(NetCompact()))
+    assert len(metrics["epochs"]) == 3 and set(metrics["epochs"][0]) >= {
+        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
+    runtime = metrics["runtime"]
+    assert (runtime["torch"], runtime["torchvision"]) == (torch.__version__, torchvision.__version__)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if head.returncode == 0:
+        assert runtime["git_commit"] == head.stdout.strip() and isinstance(runtime["git_dirty"], bool)
+    NetCompact().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
 
 
 def test_a_brief_caps_the_recipes_epochs_and_a_model_over_its_budget_is_noted(capsys):
     code, out, _ = cli(capsys, *DRY_FLAGS, "--brief", "S7", "--model", "Net")
     assert code == 0 and "note: Net has 19,130 parameters, over the S7 budget of 8,000" in out
     assert out.splitlines()[-1].startswith("nothing was saved: pass --out DIR")  # no --out
+    assert "a dry run checks that every part runs; the test accuracy of this run says little" in out
     assert train.parse_args(["--brief", "S7"]).settings == {"brief": "S7"}
-    from config import make_config
-
     assert make_config(brief="S7").epochs == 15 and make_config(brief="S7", model="NetMicro").epochs == 15
 
 

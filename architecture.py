@@ -176,8 +176,8 @@ class Recorder(TorchFunctionMode):
         self.calls, self.running = [], []
         self.handles = [handle for name, module in model.named_modules() for handle in (
             module.register_forward_pre_hook(lambda module, inputs, name=name: self.running.append(name)),
-            module.register_forward_hook(lambda module, inputs, output, name=name: self.ran(name, module,
-                                                                                            inputs, output)))]
+            module.register_forward_hook(
+                lambda module, inputs, output, name=name: self.ran(name, module, inputs, output)))]
         self.leaves = {name for name, module in model.named_modules() if not list(module.children())}
 
     def ran(self, name, module, inputs, output):
